@@ -1,0 +1,1 @@
+"""Train GPT language models from the shell, with every run tracked in MLflow."""

@@ -1,0 +1,140 @@
+"""The seed's GPT: token + position embeddings, pre-norm transformer blocks, final norm, LM head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt.config import ModelConfig
+
+VOCAB_MULTIPLE = 64  # matmuls on tensor cores prefer dimensions that are multiples of 64
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """The seed's formulation (scores, triu mask, softmax): the reference SDPA must match."""
+    t_q, t_k = q.size(-2), k.size(-2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1 + t_k - t_q)
+    weights = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    return F.dropout(weights, p=dropout, training=dropout > 0) @ v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.emb_dim // cfg.n_heads
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.explicit = False  # True selects the seed's masked-softmax path (reference, benchmarks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        dropout = self.dropout if self.training else 0.0
+        if self.explicit:
+            out = explicit_causal_attention(q, k, v, dropout)
+        else:
+            # fused kernels (flash / memory-efficient) apply the causal mask without materialising it
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return self.resid_dropout(self.proj(out.transpose(1, 2).reshape(batch, length, width)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.down = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        vocab = padded_vocab(cfg.vocab_size)  # padded rows are never predicted: logits are sliced
+        self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim)
+        self.lm_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layers) so the residual stream's
+        # variance does not grow with depth.
+        for name, param in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        length = idx.size(1)
+        if length > self.cfg.context_length:
+            raise ValueError(f"sequence of {length} tokens exceeds context_length {self.cfg.context_length}")
+        positions = torch.arange(length, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, length, vocab_size) or, given targets, the mean cross-entropy loss."""
+        logits = self.lm_head(self.hidden(idx))[..., : self.cfg.vocab_size]
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def set_explicit_attention(self, explicit: bool) -> None:
+        for block in self.blocks:
+            block.attn.explicit = explicit
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Trainable parameters of the unpadded model (a tied head counts once), as the seed reports."""
+    d, v, layers = cfg.emb_dim, cfg.vocab_size, cfg.n_layers
+    per_block = (3 * d * d + (3 * d if cfg.qkv_bias else 0)) + (d * d + d) + (8 * d * d + 5 * d) + 4 * d
+    head = 0 if cfg.tie_weights else v * d
+    return v * d + cfg.context_length * d + layers * per_block + 2 * d + head
+
+
+def flops_per_token(cfg: ModelConfig, length: int | None = None) -> int:
+    """Training FLOPs per token: 6 per non-embedding parameter and head weight, plus attention.
+
+    6N covers forward and backward matmuls (PaLM appendix B); attention scores and the weighted sum
+    add 6 * n_layers * length * emb_dim (causal masking is not discounted, as in the usual MFU).
+    """
+    length = length or cfg.context_length
+    lookups = cfg.context_length * cfg.emb_dim + (0 if cfg.tie_weights else cfg.vocab_size * cfg.emb_dim)
+    return 6 * (count_parameters(cfg) - lookups) + 6 * cfg.n_layers * length * cfg.emb_dim

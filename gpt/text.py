@@ -1,0 +1,138 @@
+"""Text sources: files, globs and gutenberg:<id>; cleaning; Project Gutenberg header/footer stripping."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt.errors import UserError
+
+GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
+_WHITESPACE = re.compile(r"\s+")
+_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
+_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # file stem, used for cleaned_<name>.txt
+    path: Path  # where the raw text lives (a downloaded book lives in the cache)
+    text: str  # after optional stripping and cleaning
+
+
+def default_cache_dir() -> Path:
+    """Where downloads, cleaned texts and token caches go: $GPT_CACHE_DIR or ~/.cache/gpt-mlflow."""
+    return Path(os.environ.get("GPT_CACHE_DIR") or Path.home() / ".cache" / "gpt-mlflow")
+
+
+def clean_text(text: str) -> str:
+    """Collapse every run of whitespace (newlines included) to one space, as the seed did."""
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def strip_gutenberg(text: str) -> str:
+    """Keep only what lies between the *** START OF ... *** and *** END OF ... *** markers.
+
+    Texts without the markers come back unchanged, so this is safe to leave on.
+    """
+    start = _START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _END.search(text)
+    if end:
+        text = text[: end.start()]
+    return text
+
+
+def expand_sources(sources: list[str], cache_dir: Path) -> list[Path]:
+    """Turn paths, globs and gutenberg:<id> into a sorted, de-duplicated list of existing files."""
+    if not sources:
+        raise UserError("no data given: pass --data FILE (a .txt file, a glob or gutenberg:<id>)")
+    paths: list[Path] = []
+    for source in sources:
+        if source.startswith("gutenberg:"):
+            paths.append(download_gutenberg(source.split(":", 1)[1], cache_dir))
+        elif glob.has_magic(source):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+            files = [p for p in matches if p.is_file()]
+            if not files:
+                raise UserError(f"data: the pattern {source!r} matches no file")
+            paths.extend(files)
+        else:
+            path = Path(source).expanduser()
+            if path.is_dir():
+                raise UserError(f"data: {path} is a directory; give .txt files or a glob such as '{path}/*.txt'")
+            if not path.is_file():
+                raise UserError(f"data: file not found: {path}")
+            paths.append(path)
+    return list(dict.fromkeys(paths))
+
+
+def read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"data: cannot read {path}: {exc.strerror}") from None
+    if b"\x00" in raw:
+        raise UserError(f"data: {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"data: {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    if not text.strip():
+        raise UserError(f"data: {path} is empty")
+    return text
+
+
+def load_documents(sources: list[str], clean: bool, strip_header: bool, cache_dir: Path) -> list[Document]:
+    """Read every source, strip and clean it, and save the cleaned text as cleaned_<name>.txt in the cache."""
+    documents = []
+    for path in expand_sources(sources, cache_dir):
+        text = read_text(path)
+        if strip_header:
+            text = strip_gutenberg(text)
+        if clean:
+            text = clean_text(text)
+        if not text.strip():
+            raise UserError(f"data: {path} holds no text once cleaned")
+        documents.append(Document(name=path.stem, path=path, text=text))
+    save_cleaned(documents, cache_dir / "cleaned")
+    return documents
+
+
+def save_cleaned(documents: list[Document], directory: Path) -> None:
+    """Keep the cleaned text for inspection; the input's directory may be read-only, so use the cache."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for doc in documents:
+        target = directory / f"cleaned_{doc.name}.txt"
+        if not target.exists() or target.read_text(encoding="utf-8") != doc.text:
+            target.write_text(doc.text, encoding="utf-8")
+
+
+def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
+    """Fetch a Project Gutenberg book once; later calls read the cached copy.
+
+    $GPT_GUTENBERG_URL (with {id}) points the download elsewhere, e.g. a local mirror in tests.
+    """
+    if not book_id.isdigit():
+        raise UserError(f"data: gutenberg:{book_id} - the book id must be a number, e.g. gutenberg:11")
+    target = cache_dir / "gutenberg" / f"pg{book_id}.txt"
+    if target.is_file():
+        return target
+    url = os.environ.get("GPT_GUTENBERG_URL", GUTENBERG_URL).format(id=book_id)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = response.read()
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"data: could not download gutenberg:{book_id} from {url} ({reason})") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    partial.write_bytes(body)
+    partial.replace(target)  # atomic: an interrupted download never looks complete
+    return target

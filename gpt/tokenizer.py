@@ -1,0 +1,53 @@
+"""The GPT-2 BPE encoding, from tiktoken online or from a local ranks file offline."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+from gpt.errors import UserError
+
+ENDOFTEXT = "<|endoftext|>"
+# GPT-2's pre-tokenizer split pattern (tiktoken's r50k pattern).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def tokenizer_file_from_env() -> str | None:
+    return os.environ.get("GPT_TIKTOKEN_FILE") or None
+
+
+@functools.lru_cache(maxsize=4)
+def get_encoding(ranks_file: str | None = None) -> tiktoken.Encoding:
+    """GPT-2's encoding; built from `ranks_file` (or $GPT_TIKTOKEN_FILE) when one is given.
+
+    Without a local file this is tiktoken.get_encoding("gpt2"), which downloads once and caches.
+    """
+    ranks_file = ranks_file or tokenizer_file_from_env()
+    if ranks_file is None:
+        return tiktoken.get_encoding("gpt2")
+    path = Path(ranks_file).expanduser()
+    if not path.is_file():
+        raise UserError(f"tokenizer file not found: {path} (set by --tokenizer-file or GPT_TIKTOKEN_FILE)")
+    try:
+        ranks = load_tiktoken_bpe(str(path))
+    except Exception as exc:  # tiktoken raises plain ValueErrors/binascii errors on a bad file
+        raise UserError(f"tokenizer file {path} is not a tiktoken ranks file ({exc})") from None
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: len(ranks)},
+        explicit_n_vocab=len(ranks) + 1,
+    )
+
+
+def encode(encoding: tiktoken.Encoding, text: str) -> list[int]:
+    return encoding.encode(text, allowed_special={ENDOFTEXT})
+
+
+def eot_id(encoding: tiktoken.Encoding) -> int:
+    return encoding.eot_token
