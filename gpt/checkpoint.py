@@ -69,7 +69,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is truncated, corrupt or not a checkpoint of this tool ({reason})") from None
+        raise UserError(f"checkpoint {path} is truncated, corrupt or not from this tool ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not a checkpoint of this tool (expected format {FORMAT})")
     return payload

@@ -1,0 +1,1 @@
+"""Ablation grids: expansion and identity (grid), running (runner), analysis (analysis)."""
