@@ -85,9 +85,7 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise UserError(
-            f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+        raise UserError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
             raise UserError(

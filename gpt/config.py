@@ -91,6 +91,7 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*x\s*$")
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def resolve_stride(stride: int | str | None, window_length: int) -> int:
@@ -101,7 +102,10 @@ def resolve_stride(stride: int | str | None, window_length: int) -> int:
         match = _RELATIVE.match(stride)
         if not match:
             raise UserError(f"data.stride: {stride!r} is neither a token count nor a ratio like '0.5x'")
-        return max(1, round(float(match.group(1)) * window_length))
+        ratio = float(match.group(1))
+        if ratio <= 0:
+            raise UserError(f"data.stride: {stride!r} must be a positive ratio such as '0.5x'")
+        return max(1, round(ratio * window_length))
     return stride
 
 
@@ -204,6 +208,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, item_type) for v in value):
             raise UserError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
         return list(value)
+    if hint is float and isinstance(value, str) and _EXPONENT.match(value.strip()):
+        value = float(value)  # PyYAML follows YAML 1.1, which reads 1e-3 as a string
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
@@ -242,9 +248,7 @@ def validate(cfg: Config) -> Config:
     if d.max_length is not None and d.max_length < 1:
         raise UserError(f"data.max_length must be at least 1, got {d.max_length}")
     if cfg.window_length > m.context_length:
-        raise UserError(
-            f"data.max_length ({d.max_length}) must not exceed model.context_length ({m.context_length})"
-        )
+        raise UserError(f"data.max_length ({d.max_length}) must not exceed model.context_length ({m.context_length})")
     if isinstance(d.stride, int) and d.stride < 1:
         raise UserError(f"data.stride must be at least 1, got {d.stride}")
     cfg.window_stride  # noqa: B018 - raises UserError for a malformed relative stride

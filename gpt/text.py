@@ -42,7 +42,7 @@ def strip_gutenberg(text: str) -> str:
     """
     start = _START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _END.search(text)
     if end:
         text = text[: end.start()]

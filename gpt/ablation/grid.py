@@ -1,0 +1,626 @@
+"""Ablation grids: a grid file plus command-line options -> a GridSpec -> concrete, validated cells.
+
+A grid file (YAML) looks like::
+
+    name: tiny-stride
+    base: ../tiny.yaml                # relative to this file, else to the working directory
+    config: {train.epochs: 2}         # inline overrides of the base (nested or dotted keys)
+    data: [gutenberg:11]              # files, globs or gutenberg:<id> (relative to the working directory)
+    vary:                             # config key -> levels
+      model.context_length: [16, 32]
+      data.stride: [0.25x, 0.5x, 1x]  # relative strides resolve against each cell's window length
+    seeds: [0, 1]                     # replicates; each sets train.seed
+    design: grid                      # grid (cartesian product) | one-at-a-time (each factor alone)
+    set: [train.lr=0.002]             # `key=value` overrides applied to every cell
+
+The base config of a grid is: base file (or defaults), then `config`, then `data`, then `set`.
+Each cell is the base config with one level per factor and the replicate seed applied, then
+validated and with its stride resolved to tokens. A combination that cannot run (heads not dividing
+the width, a window longer than the data...) becomes a SkippedCell with the reason, never an error;
+only mistakes in the grid itself raise UserError.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpt.config import SECTIONS, Config, apply_overrides, from_dict, read_yaml, resolve_stride, set_key, validate
+from gpt.data import count_windows, steps_per_epoch
+from gpt.errors import UserError
+from gpt.model import count_parameters, flops_per_token
+
+DESIGNS = ("grid", "one-at-a-time")
+GRID_KEYS = ("name", "base", "config", "data", "vary", "seeds", "design", "set")
+# Keys that change how a run is executed or logged, not what it learns: they do not enter the cell id,
+# so re-running a grid on another device or with other logging settings finds the same cells.
+IGNORED_KEYS = (
+    "train.device",
+    "train.compile",
+    "train.log_every_steps",
+    "train.checkpoint_every_s",
+    "train.sample_every",
+    "train.sample_prompts",
+    "train.sample_tokens",
+)
+# Keys spelled out in every cell name; other factors are appended as <last key part><label>.
+_NAME_KEYS = (
+    "model.n_layers",
+    "model.n_heads",
+    "model.emb_dim",
+    "model.context_length",
+    "data.max_length",
+    "data.stride",
+)
+# PyYAML (YAML 1.1) reads "1e-3" and "1.0e3" as strings; the float fields need them as numbers.
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+@dataclass(frozen=True)
+class Factor:
+    key: str  # dotted config key, e.g. model.n_layers
+    values: tuple[Any, ...]  # typed levels, as set on the config ("0.5x" stays a string)
+    labels: tuple[str, ...]  # one display label per level, used in names, tags and plots
+
+
+@dataclass
+class GridSpec:
+    name: str
+    base: Config  # base file + inline config + data + set; not validated: cells are
+    factors: list[Factor]
+    seeds: list[int]
+    design: str  # one of DESIGNS
+    source: Path | None = None  # the grid file, if any
+    base_path: Path | None = None  # the base config file, if any
+    sets: list[str] = field(default_factory=list)  # already applied to base; kept for display
+
+    @property
+    def factor_keys(self) -> list[str]:
+        return [f.key for f in self.factors]
+
+    def base_levels(self) -> dict[str, str]:
+        """Factor key -> label of the base config's value: the center of a one-at-a-time design."""
+        return {f.key: _base_level(self.base, f)[1] for f in self.factors}
+
+    def parent_tags(self) -> dict[str, str]:
+        """The MLflow tags of the grid's parent run; gpt.ablation.analysis reads ablation.base.<key>."""
+        tags = {
+            "ablation.grid": self.name,
+            "ablation.design": self.design,
+            "ablation.factors": ",".join(self.factor_keys),
+        }
+        tags.update({f"ablation.base.{key}": label for key, label in self.base_levels().items()})
+        return tags
+
+    def to_dict(self) -> dict[str, Any]:
+        """A self-contained grid file (the base inlined): loading it expands to the same cells."""
+        return {
+            "name": self.name,
+            "config": self.base.to_dict(),
+            "vary": {f.key: list(f.values) for f in self.factors},
+            "seeds": list(self.seeds),
+            "design": self.design,
+        }
+
+
+@dataclass
+class Cell:
+    config: Config  # validated, data.stride resolved to tokens, train.seed = seed
+    levels: dict[str, str]  # factor key -> level label, for every factor of the grid
+    seed: int
+    cell_id: str
+    name: str
+
+    def tags(self) -> dict[str, str]:
+        """The MLflow tags of this cell's child run (see notes/CONTRACT.md)."""
+        tags = {
+            "ablation.cell_id": self.cell_id,
+            "ablation.factors": ",".join(self.levels),
+            "ablation.seed": str(self.seed),
+        }
+        tags.update({f"factor.{key}": label for key, label in self.levels.items()})
+        return tags
+
+
+@dataclass
+class SkippedCell:
+    name: str
+    levels: dict[str, str]
+    seed: int
+    reason: str
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_grid(
+    path: str | Path | None,
+    *,
+    base: str | Path | None = None,
+    data: Sequence[str] = (),
+    vary: Sequence[str] = (),
+    seeds: str | Sequence[int | str] | None = None,
+    sets: Sequence[str] = (),
+    design: str | None = None,
+    name: str | None = None,
+) -> GridSpec:
+    """Read a grid file (or none) and apply command-line options on top of it.
+
+    base, data, seeds, design and name replace the file's (None or empty: keep the file's);
+    each `vary` item ("model.n_layers=2,4,8") replaces that factor's levels or adds the factor;
+    `sets` ("train.epochs=2") are applied after the file's.
+    """
+    raw: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = Path(path)
+        if not source.is_file():
+            raise UserError(f"grid file not found: {source}")
+        raw = read_yaml(source)
+        if not isinstance(raw, dict):
+            raise UserError(
+                f"{source}: a grid file must be a mapping (name, base, data, vary...), got {type(raw).__name__}"
+            )
+        unknown = [str(k) for k in raw if k not in GRID_KEYS]
+        if unknown:
+            raise UserError(f"{source}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
+    where = str(source) if source else "grid"
+
+    base_path = _find_base(base, None) if base is not None else None
+    if base_path is None and raw.get("base") is not None:
+        base_path = _find_base(raw["base"], source)
+    cfg = from_dict(read_yaml(base_path), source=str(base_path)) if base_path else Config()
+    try:
+        _apply_inline(cfg, raw.get("config"))
+    except UserError as exc:
+        raise UserError(f"{where}: config: {exc}") from None
+
+    files = list(data) or _string_list(raw.get("data"), f"{where}: data")
+    if files:
+        cfg.data.files = files
+
+    all_sets = _string_list(raw.get("set"), f"{where}: set") + list(sets)
+    for item in all_sets:
+        try:
+            _apply_set(cfg, item)
+        except UserError as exc:
+            raise UserError(f"set {item!r}: {exc}") from None
+
+    factors = {key: _factor(key, levels, f"{where}: vary") for key, levels in _vary_items(raw.get("vary"), where)}
+    cli_keys: set[str] = set()
+    for item in vary:
+        key, levels = _parse_vary(item)
+        if key in cli_keys:
+            raise UserError(f"--vary {key} is given twice; list all its levels once: --vary {key}=a,b,c")
+        cli_keys.add(key)
+        factors[key] = _factor(key, levels, "--vary")
+
+    spec = GridSpec(
+        name=name or str(raw.get("name") or (source.stem if source else "ablation")),
+        base=cfg,
+        factors=list(factors.values()),
+        seeds=_cli_seeds(seeds) if seeds else _file_seeds(raw, cfg, where),
+        design=_design(design, "--design") if design else _design(raw.get("design", "grid"), where),
+        source=source,
+        base_path=base_path,
+        sets=all_sets,
+    )
+    if spec.design == "grid":
+        # in a full grid every cell sets each factor, so a `set` on a factor would be silently lost
+        for item in all_sets:
+            key = item.split("=", 1)[0].strip()
+            if key in factors:
+                raise UserError(f"set {item!r} conflicts with the varied factor {key}; give its levels in vary instead")
+    return spec
+
+
+def _find_base(value: Any, grid_file: Path | None) -> Path:
+    """The base config: relative to the grid file first, then to the working directory."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise UserError(f"{grid_file or 'grid'}: base must be a path to a config YAML, got {value!r}")
+    candidates = [Path(value)]
+    if grid_file is not None and not Path(value).is_absolute():
+        candidates.insert(0, grid_file.parent / value)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = " or ".join(str(c) for c in candidates)
+    raise UserError(f"base config not found: {tried}")
+
+
+def _apply_inline(cfg: Config, inline: Any) -> None:
+    """`config:` of a grid file, nested ({model: {n_layers: 2}}) or dotted ({model.n_layers: 2})."""
+    if inline is None:
+        return
+    if not isinstance(inline, dict):
+        raise UserError(f"expected a mapping of config keys, got {type(inline).__name__}")
+    for key, value in inline.items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                set_key(cfg, f"{key}.{sub}", _numeric(f"{key}.{sub}", sub_value), parse=False)
+        else:
+            set_key(cfg, key, _numeric(key, value), parse=False)
+
+
+def _apply_set(cfg: Config, item: Any) -> None:
+    if not isinstance(item, str) or "=" not in item:
+        raise UserError("must look like section.key=value (e.g. train.epochs=2)")
+    key, text = (part.strip() for part in item.split("=", 1))
+    if _is_text_field(key):
+        apply_overrides(cfg, [item])  # str fields keep the text as typed, as train.py --set does
+    else:
+        set_key(cfg, key, _numeric(key, _yaml_scalar(text)), parse=False)
+
+
+def _vary_items(vary: Any, where: str) -> list[tuple[str, Any]]:
+    if vary is None:
+        return []
+    if not isinstance(vary, dict):
+        raise UserError(f"{where}: vary must be a mapping of config key -> list of levels, got {type(vary).__name__}")
+    items = []
+    for key, levels in vary.items():
+        key = str(key)
+        if key in SECTIONS and isinstance(levels, dict):  # nested form: {model: {n_layers: [1, 2]}}
+            items.extend((f"{key}.{sub}", sub_levels) for sub, sub_levels in levels.items())
+        else:
+            items.append((key, levels))
+    return items
+
+
+def _parse_vary(item: str) -> tuple[str, list[Any]]:
+    """'model.n_layers=2,4,8' -> ('model.n_layers', [2, 4, 8]) with YAML scalar rules per level."""
+    if "=" not in item:
+        raise UserError(f"--vary {item!r} must look like section.key=level,level (e.g. model.n_layers=2,4,8)")
+    key, text = (part.strip() for part in item.split("=", 1))
+    parts = [p.strip() for p in text.split(",")] if text else []
+    if _is_text_field(key):
+        return key, parts
+    return key, [_numeric(key, _yaml_scalar(p)) for p in parts]
+
+
+def _factor(key: str, levels: Any, where: str) -> Factor:
+    """Type-check each level against the config field; reject empty, duplicate and malformed levels."""
+    if key == "train.seed":
+        raise UserError(f"{where}: vary train.seed is not a factor; list replicate seeds under seeds: [0, 1, 2]")
+    if not isinstance(levels, list):
+        raise UserError(f"{where} {key}: expected a list of levels such as [1, 2, 4], got {levels!r}")
+    if not levels:
+        raise UserError(f"{where} {key}: the list of levels is empty")
+    scratch = Config()
+    values, labels = [], []
+    for level in levels:
+        if key == "data.stride" and isinstance(level, float):
+            raise UserError(f"{where}: data.stride: {level} is not a token count; write a ratio as '{level}x'")
+        try:
+            set_key(scratch, key, _numeric(key, copy.deepcopy(level)), parse=False)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        value = getattr(getattr(scratch, key.split(".")[0]), key.split(".", 1)[1])
+        if key == "data.stride" and isinstance(value, str):
+            try:
+                resolve_stride(value, 1)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+        label = format_level(value)
+        if label in labels:
+            raise UserError(f"{where} {key}: duplicate level {label}")
+        values.append(value)
+        labels.append(label)
+    return Factor(key=key, values=tuple(values), labels=tuple(labels))
+
+
+def _file_seeds(raw: dict[str, Any], cfg: Config, where: str) -> list[int]:
+    if raw.get("seeds") is None:
+        return [cfg.train.seed]  # no replicates asked for: the base config's seed, once
+    return _seeds(raw["seeds"], f"{where}: seeds")
+
+
+def _cli_seeds(value: str | Sequence[int | str]) -> list[int]:
+    """'0,1,2', ['0', '1'] (a repeated option) or [0, 1]."""
+    if isinstance(value, str) or all(isinstance(v, str) for v in value):
+        text = value if isinstance(value, str) else ",".join(value)
+        items: list[Any] = []
+        for part in (p.strip() for p in text.split(",")):
+            try:
+                items.append(int(part))
+            except ValueError:
+                raise UserError(f"--seeds: {part!r} is not an integer seed (e.g. --seeds 0,1,2)") from None
+        value = items
+    return _seeds(list(value), "--seeds")
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list):
+        raise UserError(f"{where}: expected a list of integer seeds such as [0, 1, 2], got {value!r}")
+    if not value:
+        raise UserError(f"{where}: the list of seeds is empty")
+    for seed in value:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise UserError(f"{where}: expected integers, got {seed!r}")
+    duplicates = sorted({s for s in value if value.count(s) > 1})
+    if duplicates:
+        raise UserError(f"{where}: duplicate seed {duplicates[0]}")
+    return list(value)
+
+
+def _design(value: Any, where: str) -> str:
+    if value not in DESIGNS:
+        raise UserError(f"{where}: design must be one of {', '.join(DESIGNS)}; got {value!r}")
+    return value
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: expected a list of strings, got {value!r}")
+    return list(value)
+
+
+def _is_text_field(key: str) -> bool:
+    """str and list[str] fields take command-line text verbatim ("2024.txt" stays a file name)."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        return False
+    hint = typing.get_type_hints(SECTIONS[section]).get(name)
+    return hint is str or hint == list[str]
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return text
+
+
+def _numeric(key: str, value: Any) -> Any:
+    """'1e-3' -> 0.001 for number fields; text fields keep their text."""
+    if isinstance(value, str) and _EXPONENT.match(value.strip()) and not _is_text_field(key):
+        return float(value)
+    return value
+
+
+def format_level(value: Any) -> str:
+    """The display label of a level: YAML spelling for scalars, '+'-joined items for lists."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "+".join(format_level(v) for v in value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------- expansion
+
+
+def expand(
+    spec: GridSpec, *, train_tokens: int | None = None, val_tokens: int | None = None
+) -> tuple[list[Cell], list[SkippedCell]]:
+    """All cells of the grid, seeds outermost (an interrupted run has whole replicates), and the skipped ones.
+
+    With token counts, cells whose training (or validation) split has no window of their length are skipped.
+    A combination that resolves to the same experiment as an earlier cell (say stride 16 and 0.5x at
+    context 32) is skipped as a duplicate rather than trained twice.
+    """
+    cells: list[Cell] = []
+    skipped: list[SkippedCell] = []
+    seen: dict[str, str] = {}
+    for seed in spec.seeds:
+        for assignment in _assignments(spec):
+            levels = {key: label for key, (_, label) in assignment.items()}
+            cfg = copy.deepcopy(spec.base)
+            for key, (value, _) in assignment.items():
+                set_key(cfg, key, copy.deepcopy(value), parse=False)
+            cfg.train.seed = seed
+            name = cell_name(cfg, levels, seed)
+            reason = _problem(cfg, train_tokens, val_tokens)
+            if reason is None:
+                cfg.data.stride = cfg.window_stride
+                identity = cell_id(cfg, seed)
+                if identity in seen:
+                    reason = f"same experiment as {seen[identity]}"
+            if reason is not None:
+                skipped.append(SkippedCell(name=name, levels=levels, seed=seed, reason=reason))
+                continue
+            seen[identity] = name
+            cells.append(Cell(config=cfg, levels=levels, seed=seed, cell_id=identity, name=name))
+    return cells, skipped
+
+
+def _assignments(spec: GridSpec) -> list[dict[str, tuple[Any, str]]]:
+    """Per cell: factor key -> (value, label), every factor present, in factor order."""
+    if spec.design == "grid":
+        choices = [list(zip(f.values, f.labels, strict=True)) for f in spec.factors]
+        return [dict(zip(spec.factor_keys, combo, strict=True)) for combo in itertools.product(*choices)]
+    center = {f.key: _base_level(spec.base, f) for f in spec.factors}
+    result = [dict(center)]
+    for factor in spec.factors:
+        base_value = _effective(spec.base, factor.key)
+        for value, label in zip(factor.values, factor.labels, strict=True):
+            if _effective(_with(spec.base, factor.key, value), factor.key) != base_value:
+                result.append({**center, factor.key: (value, label)})
+    return result
+
+
+def _base_level(base: Config, factor: Factor) -> tuple[Any, str]:
+    """The base config's level of a factor, labelled like the matching level when one exists."""
+    effective = _effective(base, factor.key)
+    for value, label in zip(factor.values, factor.labels, strict=True):
+        if _effective(_with(base, factor.key, value), factor.key) == effective:
+            return value, label
+    section, name = factor.key.split(".", 1)
+    raw = getattr(getattr(base, section), name)
+    if factor.key == "data.stride" and raw is None:
+        return raw, "1x"
+    return raw, format_level(effective)
+
+
+def _with(cfg: Config, key: str, value: Any) -> Config:
+    out = copy.deepcopy(cfg)
+    set_key(out, key, copy.deepcopy(value), parse=False)
+    return out
+
+
+def _effective(cfg: Config, key: str) -> Any:
+    """The value a key takes in a run: defaults of max_length and stride resolved to tokens."""
+    if key == "data.max_length":
+        return cfg.window_length
+    if key == "data.stride":
+        try:
+            return cfg.window_stride
+        except UserError:
+            return cfg.data.stride
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _problem(cfg: Config, train_tokens: int | None, val_tokens: int | None) -> str | None:
+    """Why this cell cannot run, or None."""
+    try:
+        validate(cfg)
+    except UserError as exc:
+        return str(exc)
+    length, stride = cfg.window_length, cfg.window_stride
+    if train_tokens is not None and count_windows(train_tokens, length, stride) == 0:
+        return f"the training split has {train_tokens} tokens, too few for one window of {length}+1"
+    if val_tokens is not None and count_windows(val_tokens, length, length) == 0:
+        return f"the validation split has {val_tokens} tokens, too few for one window of {length}+1"
+    return None
+
+
+def cell_id(cfg: Config, seed: int) -> str:
+    """12 hex digits of sha256 over the experiment: the config without IGNORED_KEYS, and the seed.
+
+    max_length and stride enter as resolved token counts, so spelling the same window differently
+    (null, 32, '1x') gives the same id.
+    """
+    payload = cfg.to_dict()
+    for dotted in IGNORED_KEYS:
+        section, key = dotted.split(".", 1)
+        payload[section].pop(key, None)
+    payload["data"]["max_length"] = cfg.window_length
+    payload["data"]["stride"] = cfg.window_stride
+    text = json.dumps({"config": payload, "seed": seed}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cell_name(cfg: Config, levels: dict[str, str], seed: int) -> str:
+    """A readable name such as L2-H4-E64-ctx32-s16-seed0 (plus any other factor, e.g. -lr0.002)."""
+    m = cfg.model
+    parts = [f"L{m.n_layers}", f"H{m.n_heads}", f"E{m.emb_dim}", f"ctx{m.context_length}"]
+    if cfg.data.max_length is not None and cfg.data.max_length != m.context_length:
+        parts.append(f"len{cfg.data.max_length}")
+    try:
+        parts.append(f"s{cfg.window_stride}")
+    except UserError:  # a malformed stride: the cell is skipped, its name shows what was asked
+        parts.append(f"s{cfg.data.stride}")
+    parts.extend(f"{key.rsplit('.', 1)[-1]}{label}" for key, label in levels.items() if key not in _NAME_KEYS)
+    parts.append(f"seed{seed}")
+    return "-".join(parts)
+
+
+# The keys build_corpus reads: cells that differ in one of them train on different token streams.
+CORPUS_KEYS = ("data.files", "data.clean", "data.strip_gutenberg", "data.val_fraction")
+
+
+def corpus_key(cfg: Config) -> str:
+    """Equal for cells that share one corpus, so a plan or a runner can build each distinct corpus once."""
+    flat = cfg.flat()
+    return json.dumps([flat[key] for key in CORPUS_KEYS])
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_rows(cells: Sequence[Cell], train_tokens: int, val_tokens: int) -> list[dict[str, Any]]:
+    """Size and cost of each cell on a corpus of the given split sizes (the same arithmetic as data_stats).
+
+    All cells must share one corpus (see corpus_key); group them first when a grid varies the data.
+    """
+    rows = []
+    for cell in cells:
+        cfg, t = cell.config, cell.config.train
+        length, stride = cfg.window_length, cfg.window_stride
+        train_windows = count_windows(train_tokens, length, stride)
+        steps = steps_per_epoch(train_windows, t.batch_size, t.drop_last)
+        tokens = min(train_windows, steps * t.batch_size) * length
+        per_token = flops_per_token(cfg.model, length)
+        rows.append(
+            {
+                "name": cell.name,
+                "cell_id": cell.cell_id,
+                "seed": cell.seed,
+                "levels": dict(cell.levels),
+                "n_params": count_parameters(cfg.model),
+                "train_windows": train_windows,
+                "val_windows": count_windows(val_tokens, length, length),
+                "steps_per_epoch": steps,
+                "tokens_per_epoch": tokens,
+                "epochs": t.epochs,
+                "flops_per_token": per_token,
+                "flops": per_token * tokens * t.epochs,
+            }
+        )
+    return rows
+
+
+def format_plan(rows: Sequence[dict[str, Any]], skipped: Sequence[SkippedCell] = ()) -> str:
+    """A table of the cells (one column per factor), the totals, then the skipped cells and why."""
+    factor_keys = list(dict.fromkeys(key for row in rows for key in row["levels"]))
+    header = ["cell", *factor_keys, "params", "windows", "steps/ep", "tokens/ep", "epochs", "FLOPs"]
+    table = [header]
+    for row in rows:
+        table.append(
+            [
+                row["name"],
+                *(row["levels"].get(key, "") for key in factor_keys),
+                _si(row["n_params"]),
+                str(row["train_windows"]),
+                str(row["steps_per_epoch"]),
+                _si(row["tokens_per_epoch"]),
+                str(row["epochs"]),
+                f"{row['flops']:.2e}",
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    # names left-aligned, everything else right-aligned so numbers line up
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]
+    steps = sum(r["steps_per_epoch"] * r["epochs"] for r in rows)
+    tokens = sum(r["tokens_per_epoch"] * r["epochs"] for r in rows)
+    flops = sum(r["flops"] for r in rows)
+    lines.append(f"total: {len(rows)} cells, {steps} steps, {_si(tokens)} training tokens, {flops:.2e} FLOPs")
+    if skipped:
+        lines.append(f"skipped ({len(skipped)}):")
+        # the levels as asked: two skipped cells can share a name (stride 16 and 0.5x both show s16)
+        for cell in skipped:
+            levels = ", ".join(f"{key}={label}" for key, label in cell.levels.items())
+            lines.append(f"  {cell.name} ({levels}): {cell.reason}" if levels else f"  {cell.name}: {cell.reason}")
+    return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)

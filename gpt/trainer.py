@@ -1,0 +1,221 @@
+"""The training loop: shuffled windows, AdamW, per-epoch validation. Observers do the reporting.
+
+The loop knows nothing of MLflow: it trains, and calls `on_epoch_end` on its observers (minGPT's
+callback shape). Its whole position (epoch, batch within the epoch, step, RNG) lives in a
+TrainState, so a checkpoint taken between any two steps resumes to exactly the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from gpt.config import Config
+from gpt.data import Corpus, Windows, epoch_order, sequential_batches
+from gpt.model import GPT
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # finished epochs
+    batch_in_epoch: int = 0  # batches of epoch+1 already done (non-zero only mid-epoch)
+    step: int = 0  # optimizer steps so far
+    tokens_seen: int = 0  # training target tokens so far
+    wall_seconds: float = 0.0  # training + validation time so far, across resumes
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    epoch_loss_sum: float = 0.0  # running sum of this epoch's step losses (mid-epoch)
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, for plots
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    tokens_seen: int
+    epoch_seconds: float
+    wall_seconds: float
+    tokens_per_second: float
+    step_losses: list[tuple[int, float]]  # (global step, loss) every log_every_steps
+
+    def as_metrics(self) -> dict[str, float]:
+        values = {
+            "train_loss": self.train_loss,
+            "tokens_seen": self.tokens_seen,
+            "epoch_seconds": self.epoch_seconds,
+            "wall_seconds": self.wall_seconds,
+            "tokens_per_second": self.tokens_per_second,
+        }
+        if self.val_loss is not None:
+            values["val_loss"] = self.val_loss
+            values["val_ppl"] = math.exp(min(self.val_loss, 50.0))
+        return values
+
+
+class Observer(Protocol):
+    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None: ...
+
+
+class Interrupted(Exception):
+    """Raised between steps after a stop was requested (Ctrl-C, SIGTERM)."""
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f"loss became {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; full fp32 on CPU and MPS unless asked."""
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.decay_groups:  # weight decay on matrices only, not on biases, norms or embeddings
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+        keep = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        groups: Any = [{"params": decay, "weight_decay": t.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": params, "weight_decay": t.weight_decay}]
+    # fused AdamW runs the whole update as a few kernels instead of several per parameter
+    return torch.optim.AdamW(groups, lr=t.lr, fused=device.type == "cuda")
+
+
+def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: GPT, corpus: Corpus, device: torch.device, state: TrainState | None = None):
+        self.cfg, self.device = cfg, device
+        self.model = model.to(device)
+        self.optimizer = build_optimizer(cfg, self.model, device)
+        self.state = state or TrainState()
+        # the corpus is small next to the model: keep it on the device and cut windows there
+        self.train_windows = Windows(corpus.train.to(device), cfg.window_length, cfg.window_stride)
+        self.val_windows = Windows(corpus.val.to(device), cfg.window_length, cfg.window_length)
+        self.dtype = autocast_dtype(cfg, device)
+        use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.stop_requested = False
+        self.observers: list[Observer] = []
+        self.steps_per_epoch = len(self._batches(0))
+
+    def _batches(self, epoch: int) -> list[torch.Tensor]:
+        t = self.cfg.train
+        return epoch_order(len(self.train_windows), t.batch_size, t.drop_last, t.seed, epoch)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def fit(self) -> TrainState:
+        """Train until cfg.train.epochs are done; raises Interrupted or NonFiniteLoss."""
+        while self.state.epoch < self.cfg.train.epochs:
+            metrics = self.run_epoch()
+            for observer in self.observers:
+                observer.on_epoch_end(self, metrics)
+        return self.state
+
+    def run_epoch(self) -> EpochMetrics:
+        s, t = self.state, self.cfg.train
+        epoch = s.epoch + 1
+        total_steps = self.steps_per_epoch * t.epochs
+        batches = [index.to(self.device) for index in self._batches(epoch)]
+        started = time.perf_counter()
+        tokens_before = s.tokens_seen
+        losses: list[tuple[int, torch.Tensor]] = []  # kept on the device: no host sync per step
+        epoch_sum = torch.tensor(s.epoch_loss_sum, device=self.device)
+        self.model.train()
+        for index in batches[s.batch_in_epoch :]:
+            if self.stop_requested:
+                s.epoch_loss_sum = float(epoch_sum)
+                s.wall_seconds += time.perf_counter() - started
+                raise Interrupted()
+            inputs, targets = self.train_windows.batch(index)
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(self.cfg, s.step, total_steps)
+            with self._autocast():
+                loss = self.forward(inputs, targets)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            s.step += 1
+            s.batch_in_epoch += 1
+            s.tokens_seen += targets.numel()
+            epoch_sum += loss.detach().float()
+            if s.step % t.log_every_steps == 0 or s.batch_in_epoch == len(batches):
+                losses.append((s.step, loss.detach().float()))
+        train_loss = float(epoch_sum) / max(1, len(batches))
+        step_losses = [(step, float(value)) for step, value in losses]
+        if not math.isfinite(train_loss):
+            bad_step = next((step for step, value in step_losses if not math.isfinite(value)), s.step)
+            raise NonFiniteLoss(epoch, bad_step, train_loss)
+        val_loss = self.evaluate() if epoch % t.eval_every == 0 or epoch == t.epochs else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        s.epoch, s.batch_in_epoch, s.epoch_loss_sum = epoch, 0, 0.0
+        s.wall_seconds += seconds
+        if val_loss is not None and val_loss < s.best_val_loss:
+            s.best_val_loss, s.best_epoch = val_loss, epoch
+        trained = s.tokens_seen - tokens_before
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            tokens_seen=s.tokens_seen,
+            epoch_seconds=seconds,
+            wall_seconds=s.wall_seconds,
+            tokens_per_second=trained / seconds if seconds > 0 else 0.0,
+            step_losses=step_losses,
+        )
+        s.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "step": s.step})
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy over every validation window (all windows have the same length)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = len(self.val_windows)
+        for index in sequential_batches(count, self.cfg.train.batch_size):
+            inputs, targets = self.val_windows.batch(index.to(self.device))
+            with self._autocast():
+                total += self.forward(inputs, targets).float() * len(index)
+        self.model.train()
+        return float(total) / count

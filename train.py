@@ -1,0 +1,105 @@
+"""Train a GPT on your text files and track the run in MLflow.
+
+python train.py --config configs/tiny.yaml --data book.txt
+python train.py --config configs/gpt2-128.yaml --data 'books/*.txt' --set model.n_layers=6
+python train.py --resume <run_id>
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from gpt import config as config_module
+from gpt.cli import friendly_errors
+from gpt.job import JobOptions, describe, prepare, resume_options, train
+from gpt.text import default_cache_dir
+from gpt.tracking import replay, resolve_tracking_uri, ui_link
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (default: built-in seed).")
+@click.option("--data", multiple=True, help="Text file, glob or gutenberg:<id>; repeatable. Sets data.files.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. model.n_layers=4."
+)
+@click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
+@click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="Where to train (default auto).")
+@click.option("--experiment", default="gpt", show_default=True, help="MLflow experiment name.")
+@click.option("--run-name", help="MLflow run name (default like L12-H12-E768-ctx128-s128).")
+@click.option(
+    "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
+)
+@click.option(
+    "--tokenizer-file", type=click.Path(dir_okay=False), help="Local GPT-2 ranks file (or $GPT_TIKTOKEN_FILE)."
+)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Downloads and token caches (or $GPT_CACHE_DIR).")
+@click.option("--dry-run", is_flag=True, help="Check everything and print sizes; train nothing, create no run.")
+@click.option("--resume", metavar="RUN_ID|CHECKPOINT", help="Continue a run from its last checkpoint.")
+@click.option(
+    "--replay", "replay_dir", type=click.Path(file_okay=False), help="Send a dead run's spooled tracking data."
+)
+@friendly_errors
+def main(
+    config_path,
+    data,
+    overrides,
+    epochs,
+    seed,
+    device,
+    experiment,
+    run_name,
+    tracking_uri,
+    tokenizer_file,
+    cache_dir,
+    dry_run,
+    resume,
+    replay_dir,
+) -> None:
+    """Train a GPT language model on text files, with every run tracked in MLflow."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if replay_dir:
+        sent = replay(Path(replay_dir), uri)
+        click.echo(f"replayed {sent} spooled items from {replay_dir} to {uri}")
+        return
+    shortcuts = [f"train.epochs={epochs}"] * (epochs is not None) + [f"train.seed={seed}"] * (seed is not None)
+    shortcuts += [f"train.device={device}"] * (device is not None)
+    options = JobOptions(
+        experiment=experiment,
+        run_name=run_name,
+        tracking_uri=uri,
+        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
+        tokenizer_file=tokenizer_file or os.environ.get("GPT_TIKTOKEN_FILE"),
+        echo=click.echo,
+    )
+    if resume:
+        cfg, payload, run_id = resume_options(resume, options, [*overrides, *shortcuts])
+    else:
+        cfg = config_module.load(config_path, overrides)
+        if data:
+            cfg.data.files = list(data)
+        config_module.apply_overrides(cfg, shortcuts)
+        config_module.validate(cfg)
+        payload = run_id = None
+    prepared = prepare(cfg, options)
+    for line in describe(prepared):
+        click.echo(line)
+    if dry_run:
+        click.echo("dry run: configuration and data are valid; no run was created")
+        return
+    result = train(cfg, options, prepared, resume_payload=payload, resume_run_id=run_id)
+    click.echo(f"status: {result.status}" + (f" ({result.message})" if result.message else ""))
+    if result.final_val_loss is not None:
+        click.echo(f"final val loss: {result.final_val_loss:.4f}")
+    if result.best_epoch:
+        click.echo(f"best val loss: {result.best_val_loss:.4f} (epoch {result.best_epoch})")
+    click.echo(f"browse: {ui_link(options.tracking_uri, result.experiment_id, result.run_id)}")
+    click.echo(f"run_id: {result.run_id}")
+    raise SystemExit(result.exit_code)
+
+
+if __name__ == "__main__":
+    main()
