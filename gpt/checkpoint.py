@@ -9,8 +9,6 @@ can read it and a checkpoint file can never run code:
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +45,15 @@ def save(path: Path, payload: dict[str, Any]) -> Path:
     """Write to a temporary file, fsync it, then rename: a crash mid-write keeps the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp")
-    with open(partial, "wb") as handle:
-        torch.save({"format": FORMAT, **payload}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as handle:
+            torch.save({"format": FORMAT, **payload}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # as large as the model: don't leave it on a disk that may be full
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -67,7 +69,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise UserError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # the weights-only unpickler also raises IndexError, KeyError... on foreign bytes
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint {path} is truncated, corrupt or not from this tool ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

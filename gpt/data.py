@@ -9,6 +9,7 @@ Validation always uses non-overlapping windows (S = L) so every stride sees the 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def tokenize_cached(doc: Document, encoding: tiktoken.Encoding, cache_dir: Path)
             path.unlink(missing_ok=True)  # a torn cache file is rebuilt, not trusted
     ids = np.asarray(encode(encoding, doc.text), dtype=np.uint16 if encoding.n_vocab <= 65536 else np.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp.npy")
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # parallel workers may race here
     np.save(partial, ids)
     partial.replace(path)
     return ids

@@ -35,6 +35,7 @@ from gpt.tracking import (
     ensure_experiment,
     local_artifact_dir,
     resolve_tracking_uri,
+    sqlite_folder,
     with_retries,
 )
 from gpt.trainer import EpochMetrics, Interrupted, NonFiniteLoss, Trainer, TrainState, autocast_dtype, resolve_device
@@ -158,9 +159,8 @@ def run_tags(prepared: Prepared) -> dict[str, str]:
 
 def local_run_dir(tracking_uri: str, cache_dir: Path, run_id: str) -> Path:
     """Spool and non-uploaded files: beside a SQLite store, else in the cache."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve().parent / "local" / run_id
-    return cache_dir / "runs" / run_id
+    folder = sqlite_folder(tracking_uri)
+    return folder / "local" / run_id if folder else cache_dir / "runs" / run_id
 
 
 class Checkpoints:

@@ -15,7 +15,10 @@ from gpt.errors import UserError
 GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
 _WHITESPACE = re.compile(r"\s+")
 _START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
-_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
+# The footer starts at "*** END OF ... ***" or at the "End of (the) Project Gutenberg's ..." line before it.
+_END = re.compile(
+    r"^(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|END OF (THE )?PROJECT GUTENBERG).*$", re.MULTILINE | re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"data: could not download gutenberg:{book_id} from {url} ({reason})") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
     partial.write_bytes(body)
     partial.replace(target)  # atomic: an interrupted download never looks complete
     return target

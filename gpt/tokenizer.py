@@ -20,15 +20,24 @@ def tokenizer_file_from_env() -> str | None:
     return os.environ.get("GPT_TIKTOKEN_FILE") or None
 
 
-@functools.lru_cache(maxsize=4)
 def get_encoding(ranks_file: str | None = None) -> tiktoken.Encoding:
     """GPT-2's encoding; built from `ranks_file` (or $GPT_TIKTOKEN_FILE) when one is given.
 
     Without a local file this is tiktoken.get_encoding("gpt2"), which downloads once and caches.
     """
-    ranks_file = ranks_file or tokenizer_file_from_env()
+    return _encoding(ranks_file or tokenizer_file_from_env())
+
+
+@functools.lru_cache(maxsize=4)
+def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
     if ranks_file is None:
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as exc:  # tiktoken fetches the ranks over HTTP on first use
+            raise UserError(
+                f"could not fetch GPT-2's tokenizer files ({type(exc).__name__}); without internet, point "
+                "--tokenizer-file or GPT_TIKTOKEN_FILE at a local gpt2.tiktoken ranks file"
+            ) from None
     path = Path(ranks_file).expanduser()
     if not path.is_file():
         raise UserError(f"tokenizer file not found: {path} (set by --tokenizer-file or GPT_TIKTOKEN_FILE)")

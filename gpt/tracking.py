@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import sqlite3
 import sys
@@ -109,11 +110,28 @@ def with_retries(call: Callable[[], T], attempts: int = 8, first_wait: float = 0
     raise AssertionError("unreachable")
 
 
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder holding a SQLite store's file, or None for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve().parent
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Beside a SQLite file, artifacts go next to it (MLflow's default is relative to the cwd)."""
+    folder = sqlite_folder(tracking_uri)
+    if folder is None:
+        return None  # a server or database store knows its own artifact root
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (folder / "artifacts" / slug).as_uri()
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     experiment = with_retries(lambda: client.get_experiment_by_name(name))
     if experiment is None:
+        location = artifact_location(client.tracking_uri, name)
         try:
-            experiment_id = with_retries(lambda: client.create_experiment(name))
+            experiment_id = with_retries(lambda: client.create_experiment(name, artifact_location=location))
         except MlflowException:  # another process created it between our two calls
             experiment_id = client.get_experiment_by_name(name).experiment_id
     else:

@@ -69,13 +69,13 @@ def test_one_at_a_time_has_the_base_cell_once_plus_each_other_level(tmp_path):
     cells, skipped = expand(spec)
     assert skipped == []
     assert [c.name for c in cells] == [
-        "L2-H4-E64-ctx32-s32-seed0",  # the base: tiny.yaml's 2 layers and 4 heads
-        "L1-H4-E64-ctx32-s32-seed0",
-        "L4-H4-E64-ctx32-s32-seed0",
-        "L2-H2-E64-ctx32-s32-seed0",
+        "L2-H2-E32-ctx32-s32-seed0",  # the base: tiny.yaml's 2 layers and 2 heads
+        "L1-H2-E32-ctx32-s32-seed0",
+        "L4-H2-E32-ctx32-s32-seed0",
+        "L2-H4-E32-ctx32-s32-seed0",
     ]
-    assert cells[0].levels == {"model.n_layers": "2", "model.n_heads": "4"}
-    assert cells[3].levels == {"model.n_layers": "2", "model.n_heads": "2"}, "other factors stay at the base"
+    assert cells[0].levels == {"model.n_layers": "2", "model.n_heads": "2"}
+    assert cells[3].levels == {"model.n_layers": "2", "model.n_heads": "4"}, "other factors stay at the base"
 
 
 def test_one_at_a_time_base_not_among_the_levels_adds_every_level(tmp_path):
@@ -147,7 +147,7 @@ def test_levels_that_resolve_to_the_same_experiment_run_once(tmp_path):
 def test_cell_names_are_readable_and_show_non_architecture_factors(tmp_path):
     spec = load_grid(tiny_grid(tmp_path, vary={"data.stride": ["0.5x"], "train.lr": [0.002]}, seeds=[7]))
     (cell,), _ = expand(spec)
-    assert cell.name == "L2-H4-E64-ctx32-s16-lr0.002-seed7"
+    assert cell.name == "L2-H2-E32-ctx32-s16-lr0.002-seed7"
 
 
 def test_cell_tags_follow_the_contract(tmp_path):
@@ -205,7 +205,7 @@ def test_cell_ids_change_with_the_seed_and_with_any_experiment_key(tmp_path):
     path = tiny_grid(tmp_path, seeds=[0])
     (base,), _ = expand(load_grid(path))
     (other_seed,), _ = expand(load_grid(path, seeds="1"))
-    (other_lr,), _ = expand(load_grid(path, sets=["train.lr=0.002"]))
+    (other_lr,), _ = expand(load_grid(path, sets=["train.lr=0.003"]))
     (other_data,), _ = expand(load_grid(path, data=["other.txt"]))
     assert len({base.cell_id, other_seed.cell_id, other_lr.cell_id, other_data.cell_id}) == 4
 
@@ -303,7 +303,7 @@ def test_levels_from_text_follow_yaml_scalar_rules_except_relative_strides():
 
 def test_inline_config_takes_nested_and_dotted_keys_over_the_base(tmp_path):
     spec = load_grid(tiny_grid(tmp_path, config={"model": {"n_layers": 3}, "train.lr": "1e-3"}))
-    assert (spec.base.model.n_layers, spec.base.model.emb_dim, spec.base.train.lr) == (3, 64, 0.001)
+    assert (spec.base.model.n_layers, spec.base.model.emb_dim, spec.base.train.lr) == (3, 32, 0.001)
 
 
 def test_vary_takes_nested_keys_too(tmp_path):
@@ -428,7 +428,8 @@ def test_plan_rows_match_the_data_pipelines_counts(tmp_path):
             stats.steps_per_epoch,
             stats.tokens_per_epoch,
         ), cell.name
-        assert row["flops"] == flops_per_token(cell.config.model, length) * stats.tokens_per_epoch * 3
+        epochs = cell.config.train.epochs
+        assert row["flops"] == flops_per_token(cell.config.model, length) * stats.tokens_per_epoch * epochs
         assert (row["name"], row["cell_id"], row["levels"]) == (cell.name, cell.cell_id, cell.levels)
 
 
@@ -439,7 +440,7 @@ def test_format_plan_lists_cells_totals_and_skipped_reasons(tmp_path):
     text = format_plan(rows, skipped)
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["cell", "model.n_heads", "data.stride"]
-    assert "L2-H4-E64-ctx32-s16-seed0" in lines[1] and "0.5x" in lines[1]
+    assert "L2-H4-E32-ctx32-s16-seed0" in lines[1] and "0.5x" in lines[1]
     steps = sum(r["steps_per_epoch"] * r["epochs"] for r in rows)
     assert lines[3].startswith(f"total: 2 cells, {steps} steps")
     assert lines[4] == "skipped (2):"

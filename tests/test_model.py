@@ -1,0 +1,162 @@
+"""gpt.model: shapes, loss, attention paths, causality, parameter counts, and that it learns."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import RANKS, VERDICT
+
+from gpt import text, tokenizer
+from gpt.config import ModelConfig
+from gpt.model import GPT, count_parameters, padded_vocab
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny matmuls run fastest on one thread, and a shared 2-core machine makes extra threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SMALL = ModelConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2, dropout=0.0)
+
+
+def small_model(seed: int = 0, **changes: object) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(dataclasses.replace(SMALL, **changes)).eval()
+
+
+def random_tokens(batch: int, length: int, vocab: int = SMALL.vocab_size, seed: int = 1) -> torch.Tensor:
+    return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def unpadded_parameters(model: GPT) -> int:
+    """Parameters of the real module, less the padding rows that are never predicted."""
+    cfg = model.cfg
+    padding = (padded_vocab(cfg.vocab_size) - cfg.vocab_size) * cfg.emb_dim
+    matrices_padded = 1 if cfg.tie_weights else 2  # token embedding and LM head
+    return sum(p.numel() for p in model.parameters()) - padding * matrices_padded
+
+
+# ---------------------------------------------------------------- shapes and loss
+
+
+def test_vocab_is_padded_to_a_multiple_of_64():
+    assert padded_vocab(50257) == 50304
+    assert padded_vocab(100) == 128 and padded_vocab(128) == 128
+
+
+@pytest.mark.parametrize("length", [1, 7, 16])
+def test_logits_have_the_unpadded_vocab(length):
+    model = small_model()
+    assert model.lm_head.weight.shape[0] == 128, "the head is padded to a multiple of 64"
+    with torch.no_grad():
+        logits = model(random_tokens(3, length))
+    assert logits.shape == (3, length, 100), "padded rows must be sliced off the logits"
+
+
+def test_loss_is_cross_entropy_of_the_logits():
+    model = small_model()
+    idx, targets = random_tokens(2, 16, seed=1), random_tokens(2, 16, seed=2)
+    with torch.no_grad():
+        loss = model(idx, targets)
+        expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_untrained_loss_is_near_uniform():
+    with torch.no_grad():
+        loss = small_model()(random_tokens(4, 16, seed=3), random_tokens(4, 16, seed=4))
+    assert abs(loss.item() - torch.log(torch.tensor(100.0)).item()) < 0.5, "init should predict ~uniformly"
+
+
+def test_sequence_longer_than_context_raises():
+    with pytest.raises(ValueError, match="context_length"):
+        small_model()(random_tokens(1, SMALL.context_length + 1))
+
+
+# ---------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_sdpa_matches_the_explicit_masked_softmax(qkv_bias):
+    model = small_model(dropout=0.1, qkv_bias=qkv_bias)  # eval mode: dropout must not apply
+    idx = random_tokens(3, 16)
+    with torch.no_grad():
+        fused = model(idx)
+        model.set_explicit_attention(True)
+        explicit = model(idx)
+    assert all(block.attn.explicit for block in model.blocks)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("position", [0, 5, 15])
+def test_changing_a_token_changes_no_earlier_output(explicit, position):
+    model = small_model()
+    model.set_explicit_attention(explicit)
+    idx = random_tokens(1, 16)
+    changed = idx.clone()
+    changed[0, position] = (idx[0, position] + 1) % SMALL.vocab_size
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    torch.testing.assert_close(before[:, :position], after[:, :position], atol=1e-6, rtol=0)
+    assert not torch.allclose(before[:, position], after[:, position]), "the changed position must change"
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("tie_weights", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["no-bias", "qkv-bias"])
+@pytest.mark.parametrize("vocab_size", [100, 128], ids=["padded", "unpadded"])
+def test_count_parameters_matches_the_module(tie_weights, qkv_bias, vocab_size):
+    model = small_model(tie_weights=tie_weights, qkv_bias=qkv_bias, vocab_size=vocab_size)
+    assert (model.lm_head.weight is model.tok_emb.weight) == tie_weights
+    assert count_parameters(model.cfg) == unpadded_parameters(model)
+
+
+def test_seed_model_has_162_321_408_parameters():
+    seed = ModelConfig()  # GPT-2 small at context 128, untied head: the seed experiment
+    assert count_parameters(seed) == 162_321_408
+    with torch.device("meta"):  # the real module's shapes, without allocating its 650 MB
+        model = GPT(seed)
+    assert unpadded_parameters(model) == 162_321_408
+
+
+def test_tied_gpt2_small_at_context_1024_has_the_published_count():
+    gpt2_small = ModelConfig(context_length=1024, qkv_bias=True, tie_weights=True)
+    assert count_parameters(gpt2_small) == 124_439_808
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_tiny_model_overfits_a_short_text():
+    encoding = tokenizer.get_encoding(str(RANKS))
+    ids = torch.tensor(tokenizer.encode(encoding, text.clean_text(VERDICT.read_text(encoding="utf-8")))[:300])
+    # Renumber the ~170 distinct GPT-2 ids 0..V-1: a 50257-row head would cost most of the CPU time
+    # and say nothing more about whether the transformer learns.
+    vocab, compact = torch.unique(ids, return_inverse=True)
+    windows = compact.unfold(0, 33, 8)  # every (input, target) window of length 32, stride 8
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=len(vocab), context_length=32, emb_dim=64, n_heads=4, n_layers=2, dropout=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    uniform = torch.log(torch.tensor(float(len(vocab)))).item()
+    assert abs(losses[0] - uniform) < 0.5, f"an untrained model starts near ln(V) = {uniform:.2f}, got {losses[0]:.2f}"
+    assert losses[-1] < 0.3 * losses[0], f"loss fell only from {losses[0]:.2f} to {losses[-1]:.2f}"

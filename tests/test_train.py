@@ -1,0 +1,211 @@
+"""train.py end to end: what a run leaves in MLflow, its checkpoints, and what bad input leaves (nothing)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import ROOT, VERDICT
+from mlflow.tracking import MlflowClient
+
+import train
+from gpt import checkpoint
+from gpt.config import from_dict
+from gpt.data import Windows, build_corpus
+from gpt.model import GPT
+from gpt.tokenizer import get_encoding
+
+EPOCH_METRICS = (
+    "train_loss", "val_loss", "val_ppl", "tokens_seen", "epoch_seconds", "wall_seconds", "tokens_per_second"
+)  # fmt: skip
+TINY = [
+    "--config", str(ROOT / "configs" / "tiny.yaml"),
+    "--data", str(VERDICT),
+    "--set", "model.context_length=16",
+    "--set", "model.emb_dim=16",
+    "--set", "train.batch_size=32",
+    "--set", "train.log_every_steps=2",
+    "--set", "train.sample_tokens=5",
+    "--set", "train.checkpoint_every_s=0",
+]  # fmt: skip
+
+
+def run_train(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def last_run_id(output: str) -> str:
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("run_id: "), f"the last line should be 'run_id: <id>', got {last!r}"
+    return last.split(": ", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    store = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{store}/mlflow.db"
+    code, output = run_train([*TINY, "--epochs", "3", "--tracking-uri", uri, "--experiment", "e2e"])
+    assert code == 0, output
+    return uri, last_run_id(output), output
+
+
+def test_run_logs_whole_config_and_derived_params(finished_run: tuple[str, str, str]) -> None:
+    uri, run_id, _ = finished_run
+    run = MlflowClient(uri).get_run(run_id)
+    params = run.data.params
+    assert params["model.emb_dim"] == "16" and params["model.n_layers"] == "2"
+    assert params["data.stride"] == "16", "stride is logged resolved to tokens"
+    for key in ("n_params", "tokens_per_epoch", "train_windows", "steps_per_epoch", "device", "dtype"):
+        assert key in params, f"derived param {key} missing"
+    assert params["data.file0.sha256"] and params["data.file0.tokens"].isdigit()
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "L2-H2-E16-ctx16-s16"
+    for tag in ("git_commit", "torch_version", "mlflow_version", "device_name"):
+        assert tag in run.data.tags
+
+
+def test_run_has_one_point_per_epoch_for_each_metric(finished_run: tuple[str, str, str]) -> None:
+    uri, run_id, _ = finished_run
+    client = MlflowClient(uri)
+    for key in EPOCH_METRICS:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [1, 2, 3], f"{key}: expected one point per epoch, got steps {steps}"
+    step_points = client.get_metric_history(run_id, "train_loss_step")
+    assert len(step_points) >= 3 and len({m.step for m in step_points}) == len(step_points)
+
+
+def test_run_has_samples_plot_config_and_checkpoints(finished_run: tuple[str, str, str]) -> None:
+    uri, run_id, _ = finished_run
+    client = MlflowClient(uri)
+    folders = ("", "samples", "plots", "checkpoints")
+    names = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
+    expected = {"config.yaml", "plots/loss_curve.png", "checkpoints/best.pt", "checkpoints/last.pt"}
+    expected |= {f"samples/epoch_00{i}.txt" for i in (1, 2, 3)}
+    assert expected <= names, f"missing artifacts: {expected - names}"
+    sample = Path(client.download_artifacts(run_id, "samples/epoch_003.txt")).read_text()
+    assert sample.count("Alice was") == 1
+
+
+def test_output_ends_with_summary_and_run_id(finished_run: tuple[str, str, str]) -> None:
+    _, run_id, output = finished_run
+    assert "best val loss:" in output and "final val loss:" in output
+    assert "workflowType=machine_learning" in output
+    assert output.strip().splitlines()[-1] == f"run_id: {run_id}"
+
+
+def test_best_checkpoint_reproduces_the_logged_val_loss(finished_run: tuple[str, str, str]) -> None:
+    uri, run_id, _ = finished_run
+    client = MlflowClient(uri)
+    payload = checkpoint.load(client.download_artifacts(run_id, "checkpoints/best.pt"))
+    cfg = checkpoint.config_of(payload)
+    model = GPT(cfg.model)
+    checkpoint.load_model_state(model, payload["model"], "best.pt")
+    model.eval()
+    corpus = build_corpus(cfg, get_encoding(), Path(os.environ["GPT_CACHE_DIR"]))
+    windows = Windows(corpus.val, cfg.window_length, cfg.window_length)
+    with torch.no_grad():
+        inputs, targets = windows.batch(torch.arange(len(windows)))
+        loss = model(inputs, targets).item()
+    best = min(m.value for m in client.get_metric_history(run_id, "val_loss"))
+    assert math.isclose(loss, best, rel_tol=1e-4), f"best.pt gives val loss {loss}, the run logged {best}"
+    assert payload["optimizer"] is not None and payload["rng"]["torch"].dtype == torch.uint8
+
+
+def test_same_command_twice_gives_the_same_losses(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ids = []
+    for _ in range(2):
+        code, output = run_train([*TINY, "--epochs", "1", "--tracking-uri", uri])
+        assert code == 0, output
+        ids.append(last_run_id(output))
+    client = MlflowClient(uri)
+    first, second = ([m.value for m in client.get_metric_history(i, "train_loss_step")] for i in ids)
+    assert first == second
+
+
+def test_bad_config_exits_nonzero_and_creates_no_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, output = run_train([*TINY, "--set", "model.n_heads=3", "--tracking-uri", uri])
+    assert code == 2
+    assert output.strip().splitlines() == ["error: model.emb_dim (16) must be divisible by model.n_heads (3)"]
+    assert not (tmp_path / "mlflow.db").exists(), "no store (and so no run) should be created"
+
+
+def test_dry_run_prints_sizes_and_creates_no_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, output = run_train([*TINY, "--dry-run", "--tracking-uri", uri])
+    assert code == 0, output
+    assert "parameters" in output and "steps of batch 32" in output and "windows:" in output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once the socket closes
+    started = time.monotonic()
+    code, output = run_train([*TINY, "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert code == 2 and "not reachable" in output
+    assert time.monotonic() - started < 15
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not start within 90 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_training_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+    code, output = run_train([*TINY, "--epochs", "2", "--tracking-uri", mlflow_server])
+    assert code == 0, output
+    run_id = last_run_id(output)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2]
+    names = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert names == {"checkpoints/best.pt", "checkpoints/last.pt"}
+
+
+def test_from_dict_round_trips_the_logged_config(finished_run: tuple[str, str, str]) -> None:
+    uri, run_id, _ = finished_run
+    import yaml
+
+    text = Path(MlflowClient(uri).download_artifacts(run_id, "config.yaml")).read_text()
+    cfg = from_dict(yaml.safe_load(text))
+    assert cfg.model.context_length == 16 and cfg.train.epochs == 3
