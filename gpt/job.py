@@ -289,6 +289,10 @@ def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions, uri
     if options.parent_run_id:
         tags["mlflow.parentRunId"] = options.parent_run_id
     run_name = check_run_name(options.run_name or default_run_name(prepared.cfg))
+    return start_run_in(client, experiment_id, run_name, tags)
+
+
+def start_run_in(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
     return run.info.run_id
 
@@ -316,8 +320,13 @@ def train(
     prepared: Prepared | None = None,
     resume_payload: dict[str, Any] | None = None,
     resume_run_id: str | None = None,
+    claim: Callable[[str], str | None] | None = None,
 ) -> JobResult:
-    """Train one run end to end. With resume_payload, continue that checkpoint in its own run."""
+    """Train one run end to end. With resume_payload, continue that checkpoint in its own run.
+
+    `claim(run_id)`, called once the run exists, may veto it (another worker owns this ablation
+    cell): the run is deleted and the result's status is CLAIMED, with the reason as message.
+    """
     prepared = prepared or prepare(cfg, options)
     uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking_uri(uri)
@@ -333,6 +342,10 @@ def train(
         logged_epochs = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
     else:
         run_id = start_run(client, prepared, options, uri)
+        reason = claim(run_id) if claim else None
+        if reason:
+            with_retries(lambda: client.delete_run(run_id))
+            return JobResult(run_id, "", "CLAIMED", float("nan"), 0, None, reason)
     run = with_retries(lambda: client.get_run(run_id))
     local_dir = local_run_dir(uri, options.cache_dir, run_id)
     local_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,162 @@
+"""Ablation grids: vary layers, heads, context length, stride... and compare how runs converge.
+
+python ablate.py plan configs/grids/arch.yaml
+python ablate.py run configs/grids/arch.yaml --vary model.n_layers=2,4,8 --seeds 0,1,2
+python ablate.py run --base configs/tiny.yaml --data book.txt --vary data.stride=0.5x,1x --seeds 0
+python ablate.py compare <parent_run_id>
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from mlflow.tracking import MlflowClient
+
+from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, load_grid, plan_rows
+from gpt.ablation.runner import RunnerOptions, parse_shard, run_grid
+from gpt.cli import friendly_errors
+from gpt.data import build_corpus
+from gpt.errors import UserError
+from gpt.text import default_cache_dir
+from gpt.tokenizer import get_encoding
+from gpt.tracking import resolve_tracking_uri, sqlite_folder, ui_link
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def grid_options(command):
+    """The options that define a grid, shared by `plan` and `run`."""
+    options = [
+        click.argument("grid_file", required=False, type=click.Path(dir_okay=False)),
+        click.option("--base", help="Base config YAML (overrides the grid file's base)."),
+        click.option("--data", multiple=True, help="Text file, glob or gutenberg:<id>; repeatable."),
+        click.option("--vary", multiple=True, metavar="KEY=L1,L2", help="A factor and its levels; repeatable."),
+        click.option("--seeds", help="Replicate seeds, e.g. 0,1,2."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every cell."),
+        click.option("--design", type=click.Choice(["grid", "one-at-a-time"]), help="Cartesian or one-at-a-time."),
+        click.option("--name", help="Grid name (default: the grid file's, else derived from the factors)."),
+        click.option("--tokenizer-file", type=click.Path(dir_okay=False), help="Local GPT-2 ranks file."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help="Downloads and token caches."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_cells(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir):
+    """Load the grid, build its corpus once, and expand it into runnable and skipped cells."""
+    spec = load_grid(grid_file, base=base, data=data, vary=vary, seeds=seeds, sets=sets, design=design, name=name)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    tokenizer_file = tokenizer_file or os.environ.get("GPT_TIKTOKEN_FILE")
+    varies_data = any(key in CORPUS_KEYS for key in spec.factor_keys)
+    corpus = None
+    if not varies_data:  # one corpus serves every cell: count tokens once to skip windowless cells
+        corpus = build_corpus(spec.base, get_encoding(tokenizer_file), cache, check=False)
+    tokens = {"train_tokens": len(corpus.train), "val_tokens": len(corpus.val)} if corpus else {}
+    cells, skipped = expand(spec, **tokens)
+    return spec, cells, skipped, corpus, cache, tokenizer_file
+
+
+@click.group(context_settings=CONTEXT)
+def main() -> None:
+    """Run ablation grids of GPT trainings and compare how they converge (all tracked in MLflow)."""
+
+
+@main.command(context_settings=CONTEXT)
+@grid_options
+@friendly_errors
+def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir) -> None:
+    """Print the grid's cells with parameters, tokens per epoch and FLOPs; run nothing."""
+    spec, cells, skipped, corpus, _, _ = build_cells(
+        grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
+    )
+    click.echo(f"grid {spec.name}: design {spec.design}, factors {', '.join(spec.factor_keys) or '(none)'}")
+    if corpus is None:
+        click.echo("(the grid varies the data, so token counts are per cell and not shown)")
+        click.echo("\n".join(f"{c.name}  {c.cell_id}" for c in cells))
+        return
+    click.echo(format_plan(plan_rows(cells, len(corpus.train), len(corpus.val)), skipped))
+
+
+@main.command(context_settings=CONTEXT)
+@grid_options
+@click.option("--experiment", help="MLflow experiment (default: the grid's name).")
+@click.option(
+    "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
+)
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Cells trained at once.")
+@click.option("--gpus", help="GPU ids to spread cells over, e.g. 0,1,2,3.")
+@click.option("--per-gpu", type=click.IntRange(1, 64), default=1, show_default=True, help="Cells per GPU at once.")
+@click.option("--shard", default="0/1", show_default=True, help="Run share i of n of the cells (for many machines).")
+@click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Where the report files go.")
+@friendly_errors
+def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
+        workers, gpus, per_gpu, shard, target_loss, out_dir) -> None:  # fmt: skip
+    """Train every cell of a grid (skipping finished ones), then compare them."""
+    spec, cells, skipped, _, cache, tokenizer_file = build_cells(
+        grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
+    )
+    if not cells:
+        raise UserError(f"grid {spec.name} has no runnable cell ({len(skipped)} skipped as invalid)")
+    for cell in skipped:
+        click.echo(f"skipped {cell.name}: {cell.reason}")
+    uri = resolve_tracking_uri(tracking_uri)
+    options = RunnerOptions(
+        experiment=experiment or spec.name,
+        tracking_uri=uri,
+        cache_dir=cache,
+        tokenizer_file=tokenizer_file,
+        workers=workers,
+        gpus=parse_gpus(gpus),
+        per_gpu=per_gpu,
+        shard=parse_shard(shard),
+        echo=click.echo,
+    )
+    outcome = run_grid(spec, cells, skipped, options)
+    report(outcome.parent_run_id, uri, target_loss, out_dir)
+    if outcome.failed:
+        click.echo(f"{len(outcome.failed)} cell(s) failed:")
+        for failed in outcome.failed:
+            click.echo(f"  {failed.cell.name}: {failed.message}")
+    click.echo(f"parent_run_id: {outcome.parent_run_id}")
+    raise SystemExit(1 if outcome.failed else 0)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("parent_run_id")
+@click.option(
+    "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
+)
+@click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Where the report files go.")
+@friendly_errors
+def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
+    """Compare the cells of a grid from MLflow: table, curves, main effects, fits (logged to the parent)."""
+    report(parent_run_id, resolve_tracking_uri(tracking_uri), target_loss, out_dir)
+
+
+def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str | None) -> None:
+    from gpt.ablation.analysis import compare as analyse  # pandas/scipy load only when needed
+
+    folder = Path(out_dir) if out_dir else (sqlite_folder(uri) or default_cache_dir()) / "reports" / parent_run_id
+    table, files = analyse(parent_run_id, folder, uri, target_loss)
+    click.echo(table)
+    click.echo(f"report: {folder / 'report.md'} (also on the parent run in MLflow)")
+    experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
+    click.echo(f"browse: {ui_link(uri, experiment_id, parent_run_id)}")
+
+
+def parse_gpus(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--gpus {text!r} must be GPU ids separated by commas, e.g. 0,1") from None
+
+
+if __name__ == "__main__":
+    main()
