@@ -135,7 +135,11 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
 @friendly_errors
 def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
     """Compare the cells of a grid from MLflow: table, curves, main effects, fits (logged to the parent)."""
-    report(parent_run_id, resolve_tracking_uri(tracking_uri), target_loss, out_dir)
+    uri = resolve_tracking_uri(tracking_uri)
+    folder = sqlite_folder(uri)
+    if folder is not None and not Path(uri[len("sqlite:///") :]).expanduser().is_file():
+        raise UserError(f"no MLflow store at {uri}; pass the --tracking-uri the grid was run with")
+    report(parent_run_id, uri, target_loss, out_dir)
 
 
 def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str | None) -> None:

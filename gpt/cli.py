@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         quiet_client_retries()
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating tables
         try:
             return command(*args, **kwargs)
         except UserError as exc:

@@ -1,0 +1,156 @@
+"""ablate.py end to end: a 2x2 grid in parallel, resume without new runs, failure isolation, bad grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, VERDICT
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+import ablate
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_ppl", "tokens_seen", "epoch_seconds", "wall_seconds")
+GRID = [
+    "--base", str(ROOT / "configs" / "tiny.yaml"),
+    "--data", str(VERDICT),
+    "--vary", "model.n_layers=1,2",
+    "--vary", "data.stride=0.5x,1x",
+    "--seeds", "0",
+    "--set", "train.epochs=2",
+    "--set", "model.context_length=16",
+    "--set", "model.emb_dim=16",
+    "--set", "train.batch_size=32",
+    "--set", "train.sample_every=0",
+]  # fmt: skip
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(ablate.main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def children(uri: str, parent_id: str) -> list:
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", run_view_type=ViewType.ACTIVE_ONLY
+    )
+
+
+def parent_id_of(output: str) -> str:
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("parent_run_id: "), output
+    return last.split(": ", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """A 2x2 grid trained by two worker processes on one SQLite store."""
+    store = tmp_path_factory.mktemp("grid")
+    uri = f"sqlite:///{store}/mlflow.db"
+    code, output = invoke("run", *GRID, "--name", "g2x2", "--tracking-uri", uri, "--workers", "2")
+    assert code == 0, output
+    return uri, parent_id_of(output), output
+
+
+def test_plan_lists_cells_and_runs_nothing(tmp_path: Path) -> None:
+    code, output = invoke("plan", *GRID)
+    assert code == 0, output
+    assert "L1-H2-E16-ctx16-s8-seed0" in output and "total: 4 cells" in output and "FLOPs" in output
+
+
+def test_grid_makes_one_child_run_per_cell_with_factor_tags(grid_run: tuple[str, str, str]) -> None:
+    uri, parent_id, _ = grid_run
+    runs = children(uri, parent_id)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    levels = {(r.data.tags["factor.model.n_layers"], r.data.tags["factor.data.stride"]) for r in runs}
+    assert levels == {("1", "0.5x"), ("1", "1x"), ("2", "0.5x"), ("2", "1x")}
+    strides = {r.data.params["data.stride"] for r in runs}
+    assert strides == {"8", "16"}, "relative strides resolve against the context length"
+    parent = MlflowClient(uri).get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ablation.grid"] == "g2x2"
+
+
+def test_parallel_workers_lose_no_metric_point(grid_run: tuple[str, str, str]) -> None:
+    uri, parent_id, _ = grid_run
+    client = MlflowClient(uri)
+    for run in children(uri, parent_id):
+        for key in EPOCH_METRICS:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == [1, 2], f"{run.info.run_name}: {key} has steps {steps}"
+
+
+def test_report_files_land_on_the_parent_run(grid_run: tuple[str, str, str]) -> None:
+    uri, parent_id, output = grid_run
+    client = MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(parent_id)} | {
+        a.path for a in client.list_artifacts(parent_id, "plots")
+    }
+    assert {"report.md", "summary.csv", "grid.yaml", "plots/curves_data.stride.png"} <= names, names
+    assert "main effects on best val loss" in output
+    report = Path(client.download_artifacts(parent_id, "report.md")).read_text()
+    assert "data.stride" in report and "model.n_layers" in report
+
+
+def test_running_the_same_grid_again_creates_no_new_child_runs(grid_run: tuple[str, str, str]) -> None:
+    uri, parent_id, _ = grid_run
+    code, output = invoke("run", *GRID, "--name", "g2x2", "--tracking-uri", uri)
+    assert code == 0, output
+    assert parent_id_of(output) == parent_id, "the grid resumes into its parent run"
+    assert output.count("SKIPPED") == 4
+    assert len(children(uri, parent_id)) == 4
+
+
+def test_compare_rebuilds_the_report_from_mlflow(grid_run: tuple[str, str, str], tmp_path: Path) -> None:
+    uri, parent_id, _ = grid_run
+    code, output = invoke("compare", parent_id, "--tracking-uri", uri, "--out-dir", str(tmp_path))
+    assert code == 0, output
+    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "report.md").is_file()
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [a for a in GRID]
+    args[args.index("model.n_layers=1,2")] = "train.lr=0.001,1e30"  # 1e30 drives the loss to NaN
+    args[args.index("data.stride=0.5x,1x")] = "data.stride=1x"
+    code, output = invoke("run", *args, "--set", "train.epochs=1", "--name", "fails", "--tracking-uri", uri)
+    assert code == 1, output
+    assert "1 cell(s) failed" in output and "lr1e+30" in output.split("cell(s) failed")[1]
+    runs = {r.data.tags["factor.train.lr"]: r.info.status for r in children(uri, parent_id_of(output))}
+    assert runs == {"0.001": "FINISHED", "1e+30": "FAILED"}
+
+
+@pytest.mark.parametrize(
+    ("grid_text", "message"),
+    [
+        ("- just\n- a list\n", "mapping"),
+        ("vary: {model.n_layers: []}\n", "model.n_layers"),
+        ("vary: {model.no_such_key: [1, 2]}\n", "no_such_key"),
+        ("design: sideways\n", "design"),
+        ("seeds: [zero]\n", "seeds"),
+        ("colour: blue\n", "colour"),
+        ("vary: {model.n_layers: [2, 2]}\n", "model.n_layers"),
+    ],
+)
+def test_bad_grid_file_gives_one_line_error(tmp_path: Path, grid_text: str, message: str) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(grid_text)
+    code, output = invoke("plan", str(grid), "--data", str(VERDICT))
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], output
+
+
+def test_missing_grid_file_and_bad_options_are_one_line_errors(tmp_path: Path) -> None:
+    for args, message in [
+        (["plan", str(tmp_path / "nope.yaml")], "nope.yaml"),
+        (["run", *GRID, "--shard", "3/2", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], "--shard"),
+        (["run", *GRID, "--gpus", "a,b", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], "--gpus"),
+        (["compare", "no-such-run", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], "no MLflow store"),
+    ]:
+        code, output = invoke(*args)
+        lines = output.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], f"{args}: {output}"
