@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +18,42 @@ def padded_vocab(vocab_size: int) -> int:
     return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """The seed's formulation (scores, triu mask, softmax): the reference SDPA must match."""
+def explicit_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The seed's formulation (scores, triu mask, softmax): the reference SDPA must match.
+
+    `visible` (queries x keys, True where a query may look) replaces the causal mask for cached keys.
+    """
     t_q, t_k = q.size(-2), k.size(-2)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1 + t_k - t_q)
+    if visible is None:
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1 + t_k - t_q)
+    else:
+        mask = visible.logical_not()
     weights = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
     return F.dropout(weights, p=dropout, training=dropout > 0) @ v
+
+
+class KVCache:
+    """Every layer's keys and values for `batch` sequences, preallocated at context_length slots.
+
+    Shapes never change, and positions arrive as a tensor, so a CUDA graph can replay a decode step.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.n_layers, batch, cfg.n_heads, cfg.context_length, cfg.emb_dim // cfg.n_heads)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+
+
+class LayerCache(NamedTuple):
+    """One layer's slice of a KVCache, the positions this forward writes and the slots each query sees."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    visible: torch.Tensor
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,11 +66,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.explicit = False  # True selects the seed's masked-softmax path (reference, benchmarks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         dropout = self.dropout if self.training else 0.0
-        if self.explicit:
+        if cache is not None:
+            # attend over every slot, written or not, so shapes stay fixed; `visible` hides the slots
+            # after each query's position, stale ones included
+            cache.keys.index_copy_(2, cache.positions, k)
+            cache.values.index_copy_(2, cache.positions, v)
+            k, v = cache.keys, cache.values
+            if self.explicit:
+                out = explicit_causal_attention(q, k, v, dropout, cache.visible)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.visible, dropout_p=dropout)
+        elif self.explicit:
             out = explicit_causal_attention(q, k, v, dropout)
         else:
             # fused kernels (flash / memory-efficient) apply the causal mask without materialising it
@@ -67,8 +107,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache)
         return x + self.ff(self.norm2(x))
 
 
@@ -85,12 +125,20 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
+        if cfg.init == "gpt2":
+            self._init_gpt2()
+        elif cfg.tie_weights:
+            # the seed's init leaves embeddings N(0, 1); as the head's weights that would make the
+            # first logits ~sqrt(emb_dim) wide, so a shared matrix starts at the head's scale
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
+
+    def _init_gpt2(self) -> None:
+        """GPT-2's init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layers)
+        so the residual stream's variance does not grow with depth."""
         self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layers) so the residual stream's
-        # variance does not grow with depth.
         for name, param in self.named_parameters():
             if name.endswith(("proj.weight", "down.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -99,14 +147,23 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        length = idx.size(1)
-        if length > self.cfg.context_length:
-            raise ValueError(f"sequence of {length} tokens exceeds context_length {self.cfg.context_length}")
-        positions = torch.arange(length, device=idx.device)
+    def hidden(
+        self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states. With a cache, idx sits at `positions` (a tensor, so the caller
+        keeps them below context_length) and attends to the cached tokens before it."""
+        layers: list[LayerCache | None] = [None] * len(self.blocks)
+        if cache is None:
+            length = idx.size(1)
+            if length > self.cfg.context_length:
+                raise ValueError(f"sequence of {length} tokens exceeds context_length {self.cfg.context_length}")
+            positions = torch.arange(length, device=idx.device)
+        else:
+            visible = positions[:, None] >= torch.arange(self.cfg.context_length, device=idx.device)
+            layers = [LayerCache(k, v, positions, visible) for k, v in zip(cache.keys, cache.values, strict=True)]
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x)
+        for block, layer in zip(self.blocks, layers, strict=True):
+            x = block(x, layer)
         return self.final_norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,6 +172,12 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def next_logits(
+        self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (batch, vocab_size) for the token after idx: the head runs on the last position only."""
+        return self.lm_head(self.hidden(idx, cache, positions)[:, -1])[..., : self.cfg.vocab_size]
 
     def set_explicit_attention(self, explicit: bool) -> None:
         for block in self.blocks:

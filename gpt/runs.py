@@ -1,0 +1,83 @@
+"""Reading tracked runs back: a run id plus best | last | path -> a local checkpoint file, via MLflow."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from gpt.errors import UserError
+from gpt.text import default_cache_dir
+from gpt.tracking import local_artifact_dir, resolve_tracking_uri
+
+CHECKPOINTS = "checkpoints"  # where a training run logs best.pt and last.pt
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _open(run_id: str, tracking_uri: str | None) -> tuple[MlflowClient, Run]:
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        # MLflow would create an empty store here and then report the run as unknown
+        store = Path(uri[len("sqlite:///") :]).expanduser()
+        if not store.is_file():
+            raise UserError(
+                f"no MLflow store at {store} ({uri}): train a model first, or pass --tracking-uri "
+                "or set MLFLOW_TRACKING_URI"
+            )
+    client = MlflowClient(uri)
+    try:
+        return client, client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(f"unknown run id {run_id!r} in {uri}") from None
+        raise UserError(f"cannot read run {run_id!r} from {uri}: {_reason(exc)}") from None
+
+
+def find_checkpoint(run_id: str, which: str = "best", tracking_uri: str | None = None) -> Path:
+    """The local file of a run's checkpoint.
+
+    which: `best` or `last` (checkpoints/<which>.pt), an artifact path inside the run, else a local
+    file. Artifacts in a local store are used in place; remote ones are downloaded to the cache.
+    """
+    client, run = _open(run_id, tracking_uri)
+    artifact = f"{CHECKPOINTS}/{which}.pt" if which in ("best", "last") else which
+    in_run = not Path(artifact).is_absolute() and ".." not in Path(artifact).parts  # else only a local file
+    try:
+        listed = (
+            {f.path for f in client.list_artifacts(run_id, posixpath.dirname(artifact) or None)} if in_run else set()
+        )
+        if artifact not in listed:
+            if which not in ("best", "last") and Path(which).is_file():
+                return Path(which)
+            saved = sorted(f.path for f in client.list_artifacts(run_id, CHECKPOINTS) if f.path.endswith(".pt"))
+            if not saved:
+                raise UserError(f"run {run_id} has no checkpoint: nothing under {CHECKPOINTS}/ (did an epoch finish?)")
+            raise UserError(f"run {run_id} has no {artifact}; its checkpoints: {', '.join(saved)}")
+        local = local_artifact_dir(run.info.artifact_uri)
+        if local is not None:
+            return local / artifact
+        target = default_cache_dir() / "checkpoints" / run_id
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, tracking_uri=client.tracking_uri, dst_path=str(target)
+            )
+        )
+    except (MlflowException, OSError) as exc:
+        raise UserError(f"cannot fetch {artifact} of run {run_id}: {_reason(exc)}") from None
+
+
+def log_text(run_id: str, artifact_path: str, text: str, tracking_uri: str | None = None) -> None:
+    """Add a text file to an existing run's artifacts (finished runs included)."""
+    client, _ = _open(run_id, tracking_uri)
+    try:
+        client.log_text(run_id, text, artifact_path)
+    except (MlflowException, OSError) as exc:
+        raise UserError(f"cannot log {artifact_path} to run {run_id}: {_reason(exc)}") from None

@@ -1,0 +1,336 @@
+"""Sampling from a trained GPT: temperature, top-k and top-p, with a KV cache and CUDA-graph decoding.
+
+The seed's loop is the reference: crop to the last context_length tokens, forward, take the last
+logits, keep the top k, divide by the temperature, softmax, draw (argmax when the temperature is 0).
+`kv_cache=False` runs exactly that. The cached path prefills the prompt once and then feeds one
+token per step; with learned position embeddings the cache cannot grow past context_length, so when
+it fills, the last `keep` tokens are prefilled again at positions 0.. and decoding goes on.
+"""
+
+from __future__ import annotations
+
+import codecs
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+import torch
+
+from gpt import checkpoint, tokenizer
+from gpt.config import Config
+from gpt.errors import UserError
+from gpt.model import GPT, KVCache
+
+MAX_PROMPT_CHARS = 1_000_000  # the model sees only the last context_length tokens; more is a mistake
+_TOO_LONG = (
+    f"at most {MAX_PROMPT_CHARS:,} characters make sense, as the model sees only the last context_length "
+    "tokens: pass the end of the text"
+)
+STOP_CHECK_EVERY = 16  # steps between host syncs that ask whether every sample has stopped
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits; temperature 0 means greedy (argmax)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens; None keeps all
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p; None or 1 keeps all
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"temperature must not be negative (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids (batch,) drawn from logits (batch, vocab), on the logits' device without a host sync."""
+    logits = logits.float()
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    if sampling.top_k is not None and sampling.top_k < logits.size(-1):
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = logits / sampling.temperature
+    if sampling.top_p is not None and sampling.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # drop a token once the more likely ones already reach p; the most likely one always stays
+        drop_ordered = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        drop = torch.empty_like(drop_ordered).scatter_(-1, order, drop_ordered)
+        logits = logits.masked_fill(drop, float("-inf"))
+    # Inverse-CDF draw: one uniform number a row. Drawing one number per vocabulary entry, as
+    # torch.multinomial does, costs milliseconds a token on a CPU and checks the probabilities with
+    # host syncs. u stays below the total, so the first cdf entry above u has positive probability.
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, device=total.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)[..., 0]
+
+
+class CachedDecoder:
+    """Decode steps over a preallocated KV cache: feed `token` at `pos`, sample the next into `token`.
+
+    On CUDA the step (model and sampling, ~15 kernels a layer) is captured once as a CUDA graph and
+    replayed: at batch 1, launching those kernels one by one from Python costs more than running them.
+    """
+
+    def __init__(self, model: GPT, batch: int, sampling: Sampling, generator: torch.Generator | None, cuda_graph: bool):
+        param = next(model.parameters())
+        self.model, self.sampling, self.generator, self.device = model, sampling, generator, param.device
+        self.cache = KVCache(model.cfg, batch, param.device, param.dtype)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=param.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=param.device)
+        self.graph = self._capture() if cuda_graph and param.device.type == "cuda" else None
+
+    def _step(self, generator: torch.Generator | None) -> None:
+        logits = self.model.next_logits(self.token, self.cache, self.pos)
+        self.token.copy_(sample_next(logits, self.sampling, generator)[:, None])
+        self.pos.add_(1)
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        # Capture needs a warm-up on a side stream (cuBLAS handles, allocator pools). It draws from a
+        # throwaway generator and writes junk into the first cache slots, which prefill overwrites.
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(torch.Generator(device=self.device))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self.generator is not None:  # the default generator is registered by capture itself
+                graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph):
+                self._step(self.generator)
+            return graph
+        except RuntimeError as exc:  # an op that cannot be captured: decode eagerly, slower but correct
+            warnings.warn(f"CUDA graph capture failed, decoding without it: {exc}", stacklevel=2)
+            torch.cuda.synchronize()
+            return None
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Fill the cache with tokens (batch, n) at positions 0..n-1; the sampled next token (batch,)."""
+        logits = self.model.next_logits(tokens, self.cache, torch.arange(tokens.size(1), device=self.device))
+        self.token.copy_(sample_next(logits, self.sampling, self.generator)[:, None])
+        self.pos.fill_(tokens.size(1))
+        return self.token[:, 0]
+
+    def step(self) -> torch.Tensor:
+        """The next token (batch,); the tensor is overwritten by the following step."""
+        if self.graph is None:
+            self._step(self.generator)
+        else:
+            self.graph.replay()
+        return self.token[:, 0]
+
+
+@torch.inference_mode()
+def decode(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    num_samples: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    kv_cache: bool = True,
+    cuda_graph: bool = True,
+    keep: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each step's new tokens (num_samples,) on the model's device; stop early by breaking.
+
+    Random draws come from `generator` (on the model's device), else torch's global generator.
+    `keep` is how many tokens the cache keeps when it fills (default half the context): more keeps
+    more context per token, fewer re-prefills less often; context_length reproduces the reference.
+    """
+    context = model.cfg.context_length
+    keep = max(1, context // 2) if keep is None else keep
+    if not prompt:
+        raise UserError("the prompt has no tokens")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise UserError(f"max tokens and num samples must be at least 1, got {max_new_tokens} and {num_samples}")
+    if not 1 <= keep <= context:
+        raise UserError(f"keep must be between 1 and the context length {context}, got {keep}")
+    device = next(model.parameters()).device
+    prompt = list(prompt)[-context:]  # all the reference ever looks at
+    seq = torch.empty(num_samples, len(prompt) + max_new_tokens, dtype=torch.long, device=device)
+    seq[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = CachedDecoder(model, num_samples, sampling, generator, cuda_graph) if kv_cache else None
+        filled = 0  # tokens in the cache, mirrored on the host so no step has to ask the device
+        for length in range(len(prompt), seq.size(1)):
+            if decoder is None:
+                logits = model.next_logits(seq[:, max(0, length - context) : length])
+                new = sample_next(logits, sampling, generator)
+            elif filled in (0, context):  # the first token, or a full cache: prefill the last window
+                filled = length if filled == 0 else keep
+                new = decoder.prefill(seq[:, length - filled : length])
+            else:
+                new = decoder.step()
+                filled += 1
+            seq[:, length] = new
+            yield seq[:, length]
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    num_samples: int = 1,
+    stop_token: int | None = None,
+    **options: Any,
+) -> list[list[int]]:
+    """num_samples continuations of prompt, each cut before its first stop_token.
+
+    options are decode()'s keywords: generator, kv_cache, cuda_graph, keep.
+    """
+    steps: list[torch.Tensor] = []
+    stopped = None
+    for i, new in enumerate(decode(model, prompt, max_new_tokens, sampling, num_samples, **options)):
+        steps.append(new)
+        if stop_token is not None:
+            stopped = new == stop_token if stopped is None else stopped | (new == stop_token)
+            # asking the device costs a sync: every few steps is enough, the overshoot is cut below
+            if (i + 1) % STOP_CHECK_EVERY == 0 and bool(stopped.all()):
+                break
+    rows = torch.stack(steps, dim=1).tolist()
+    return [row[: row.index(stop_token)] if stop_token in row else row for row in rows]
+
+
+def stream(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_token: int | None = None,
+    **options: Any,
+) -> Iterator[int]:
+    """One continuation, token by token as it is generated (a host sync each), ending before stop_token."""
+    for new in decode(model, prompt, max_new_tokens, sampling, 1, **options):
+        token = int(new[0])
+        if token == stop_token:
+            return
+        yield token
+
+
+def sample_text(
+    model: GPT,
+    encoding: tiktoken.Encoding,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> str:
+    """The continuation of prompt as text, ending at <|endoftext|> (the trainer's per-epoch samples)."""
+    tokens = generate(
+        model,
+        encode_prompt(encoding, prompt),
+        max_new_tokens,
+        Sampling(temperature, top_k, top_p),
+        stop_token=encoding.eot_token,
+        generator=generator,
+    )
+    return encoding.decode(tokens[0])
+
+
+def text_pieces(encoding: tiktoken.Encoding, tokens: Iterator[int]) -> Iterator[str]:
+    """Decoded text as tokens arrive; a character split across tokens waits for its last byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        piece = decoder.decode(encoding.decode_single_token_bytes(token))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+# ---------------------------------------------------------------- loading and prompts
+
+
+def pick_device(name: str) -> torch.device:
+    """auto | cpu | cuda | mps -> a torch device that exists here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise UserError(f"device must be one of auto, cpu, cuda, mps; got {name!r}")
+    if not available[name]:
+        raise UserError(f"device {name!r} is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def load_model(path: Path, device: torch.device) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, object]]:
+    """A checkpoint's model (eval mode, bf16 on CUDA), its config, its tokenizer and its metadata."""
+    payload = checkpoint.load(path)
+    cfg = checkpoint.config_of(payload, source=f"checkpoint {path}")
+    name = (payload.get("tokenizer") or {}).get("name")
+    if name != "gpt2":
+        raise UserError(f"checkpoint {path} uses tokenizer {name!r}; only 'gpt2' is supported")
+    encoding = tokenizer.get_encoding()
+    if cfg.model.vocab_size < encoding.n_vocab:
+        raise UserError(
+            f"checkpoint {path}: model.vocab_size {cfg.model.vocab_size} is smaller than the gpt2 "
+            f"tokenizer's {encoding.n_vocab} tokens"
+        )
+    model = GPT(cfg.model)
+    checkpoint.load_model_state(model, payload["model"], source=f"checkpoint {path}")
+    # bf16 halves the bytes each decode step reads; CPU matmuls are faster in fp32
+    model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    info = {key: payload.get(key) for key in ("epoch", "step", "best_val_loss", "run_id")}
+    return model, cfg, encoding, info
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text from exactly one of --prompt and --prompt-file."""
+    if (prompt is None) == (prompt_file is None):
+        raise UserError("give exactly one of --prompt TEXT and --prompt-file FILE")
+    if prompt is not None:
+        return prompt
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # UTF-8 takes at most 4 bytes a character
+        raise UserError(f"prompt file {path} has {path.stat().st_size:,} bytes; {_TOO_LONG}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompt file {path}: {exc}") from None
+
+
+def encode_prompt(encoding: tiktoken.Encoding, text: str) -> list[int]:
+    """Prompt text -> token ids; empty or absurdly long prompts are UserErrors."""
+    if not text.strip():
+        raise UserError(
+            "the prompt is empty; give --prompt TEXT or --prompt-file FILE "
+            f"(for an unconditional sample use --prompt '{tokenizer.ENDOFTEXT}')"
+        )
+    if len(text) > MAX_PROMPT_CHARS:
+        raise UserError(f"the prompt has {len(text):,} characters; {_TOO_LONG}")
+    return tokenizer.encode(encoding, text)
+
+
+def generation_record(prompt: str, settings: dict[str, object], samples: list[str]) -> str:
+    """The text logged under generations/: settings, prompt and every sample."""
+    lines = [f"{key}: {value}" for key, value in settings.items()]
+    lines += ["", "=== prompt ===", prompt]
+    for number, sample in enumerate(samples, 1):
+        lines += ["", f"=== sample {number} ===", sample]
+    return "\n".join(lines) + "\n"
