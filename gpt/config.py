@@ -181,8 +181,11 @@ def set_key(cfg: Config, dotted: str, value: Any, parse: bool) -> None:
 
 def _parse_text(text: str, hint: Any) -> Any:
     """Command-line text -> value: YAML scalars and lists ("[a, b]"), but plain str fields stay text."""
-    if hint is str:
-        return text
+    return text if hint is str else yaml_scalar(text)
+
+
+def yaml_scalar(text: str) -> Any:
+    """Text as YAML reads it ("2" -> 2, "[a, b]" -> a list, "" -> None); text YAML cannot parse stays text."""
     try:
         return yaml.safe_load(text) if text != "" else None
     except yaml.YAMLError:
@@ -211,8 +214,9 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, item_type) for v in value):
             raise UserError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
         return list(value)
-    if hint is float and isinstance(value, str) and _EXPONENT.match(value.strip()):
-        value = float(value)  # PyYAML follows YAML 1.1, which reads 1e-3 as a string
+    if hint in (int, float) and isinstance(value, str) and _EXPONENT.match(value.strip()):
+        # PyYAML follows YAML 1.1, which reads 1e-3 and 1e3 as strings; YAML 1.2 reads numbers, as here
+        value = float(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
@@ -259,10 +263,7 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive, got {t.lr}")
-    for key in ("weight_decay", "min_lr", "grad_clip", "checkpoint_every_s", "temperature"):
-        if getattr(t, key) < 0:
-            raise UserError(f"train.{key} must not be negative, got {getattr(t, key)}")
-    for key in ("warmup_steps", "sample_every"):
+    for key in "weight_decay min_lr grad_clip checkpoint_every_s temperature warmup_steps sample_every".split():
         if getattr(t, key) < 0:
             raise UserError(f"train.{key} must not be negative, got {getattr(t, key)}")
     choices = {

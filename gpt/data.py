@@ -29,10 +29,6 @@ class Corpus:
     val: torch.Tensor  # int64 token ids, the tail of the stream
     files: list[dict] = field(default_factory=list)  # name, path, sha256, tokens per source file
 
-    @property
-    def n_tokens(self) -> int:
-        return len(self.train) + len(self.val)
-
 
 def count_windows(n_tokens: int, length: int, stride: int) -> int:
     return 0 if n_tokens <= length else (n_tokens - length - 1) // stride + 1

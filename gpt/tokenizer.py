@@ -56,7 +56,3 @@ def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
 
 def encode(encoding: tiktoken.Encoding, text: str) -> list[int]:
     return encoding.encode(text, allowed_special={ENDOFTEXT})
-
-
-def eot_id(encoding: tiktoken.Encoding) -> int:
-    return encoding.eot_token

@@ -12,7 +12,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from gpt.ablation import analysis
+from gpt.ablation import analysis, report
 from gpt.ablation.analysis import GridData, RunData
 from gpt.errors import UserError
 
@@ -246,7 +246,7 @@ def test_overfitting_cell_is_flagged_and_fitted_up_to_its_minimum():
 def test_write_report_writes_markdown_csv_and_one_plot_per_factor(tmp_path):
     grid = fake_grid({"0.5x": 3.0, "1x": 3.3})
     grid.others.append(RunData("dead", "s1x-L2-seed9", "FAILED", "c-1x-2", "9", {"data.stride": "1x"}))
-    files = analysis.write_report(grid, tmp_path)
+    files = report.write_report(analysis.analyze(grid), tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in files}
     assert {
         "report.md",
@@ -261,13 +261,13 @@ def test_write_report_writes_markdown_csv_and_one_plot_per_factor(tmp_path):
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert len(summary) == 4 and (summary["seeds"] == 3).all()
     assert {"best_val_loss_mean", "best_val_loss_ci95", "tokens_to_target_mean", "train_val_gap_mean"} <= set(summary)
-    report = (tmp_path / "report.md").read_text()
-    assert "FAILED" in report and "s1x-L2-seed9" in report, "unfinished runs are listed"
-    assert "plots/curves_data.stride.png" in report
+    markdown = (tmp_path / "report.md").read_text()
+    assert "FAILED" in markdown and "s1x-L2-seed9" in markdown, "unfinished runs are listed"
+    assert "plots/curves_data.stride.png" in markdown
 
 
 def test_terminal_table_has_one_line_per_cell_and_the_p_values():
-    table = analysis.format_table(analysis.analyze(fake_grid({"0.5x": 3.0, "1x": 3.3})))
+    table = report.format_table(analysis.analyze(fake_grid({"0.5x": 3.0, "1x": 3.3})))
     lines = table.splitlines()
     assert sum(line.startswith(("0.5x", "1x ")) for line in lines) == 4, table
     assert "paired t" in table and "target val loss" in table
@@ -277,9 +277,9 @@ def test_a_grid_without_finished_runs_still_gets_a_report(tmp_path):
     grid = GridData(
         "parent", "empty", ["data.stride"], {}, [], [RunData("x", "only", "FAILED", "c", "0", {"data.stride": "1x"})]
     )
-    files = analysis.write_report(grid, tmp_path)
+    files = report.write_report(analysis.analyze(grid), tmp_path)
     assert [p.name for p in files] == ["report.md"] and "only" in files[0].read_text()
-    assert "no finished child run" in analysis.format_table(analysis.analyze(grid))
+    assert "no finished child run" in report.format_table(analysis.analyze(grid))
 
 
 # ---------------------------------------------------------------- MLflow end to end
@@ -339,14 +339,14 @@ def test_fetch_write_and_log_report_end_to_end(tmp_path, store):
     assert list(first.curves.index) == [1, 2, 3, 4, 5, 6]
     assert first.curves.loc[6, "tokens_seen"] == 6 * TOKENS_PER_EPOCH
 
-    files = analysis.write_report(grid, tmp_path / "report")
-    analysis.log_report(parent_id, files, tracking_uri)
+    files = report.write_report(analysis.analyze(grid), tmp_path / "report")
+    report.log_report(parent_id, files, tracking_uri)
     root = {a.path for a in client.list_artifacts(parent_id)}
     plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
     assert {"report.md", "summary.csv"} <= root
     assert {"plots/curves_data.stride.png", "plots/main_effects.png"} <= plots
 
-    table, _ = analysis.compare(parent_id, tmp_path / "again", tracking_uri, target_loss=3.9, log=False)
+    table, _ = report.compare(parent_id, tmp_path / "again", tracking_uri, target_loss=3.9, log=False)
     assert "target val loss 3.9000 nats (given)" in table and "2 not finished" in table
 
 

@@ -138,6 +138,13 @@ def test_override_float_in_scientific_notation(text):
     assert config.load(None, [f"train.lr={text}"]).train.lr == pytest.approx(float(text))
 
 
+def test_integer_in_scientific_notation_is_an_int_as_yaml_1_2_reads_it():
+    cfg = config.load(None, ["train.epochs=1e2", "data.stride=2E1", "model.context_length=1.28e2"])
+    assert (cfg.train.epochs, cfg.data.stride, cfg.model.context_length) == (100, 20, 128)
+    message = load_error("model.n_layers=1.5e0")
+    assert "model.n_layers" in message and "1.5" in message
+
+
 def test_yaml_float_in_scientific_notation(tmp_path):
     path = write(tmp_path, "train:\n  lr: 4e-4\n  min_lr: 1e-5\n")
     cfg = config.load(path)

@@ -49,6 +49,13 @@ def words_file(tmp_path: Path, n_words: int, name: str = "words.txt") -> Path:
     return path
 
 
+def story_file(tmp_path: Path, sentence: str) -> Path:
+    """The sentence ten times over: enough GPT-2 tokens for training and validation windows of 8."""
+    path = tmp_path / "story.txt"
+    path.write_text(sentence * 10, encoding="utf-8")
+    return path
+
+
 def seed_windows(ids: list[int], length: int, stride: int) -> tuple[list[list[int]], list[list[int]]]:
     """The seed's loop, written out: the reference every window must match."""
     inputs, targets = [], []
@@ -231,14 +238,12 @@ def test_files_are_joined_with_endoftext(tmp_path, gpt2):
     ids_b = gpt2.encode("Call me Ishmael. Some years ago, never mind how long precisely.")
     stream = torch.cat([corpus.train, corpus.val]).tolist()
     assert stream == ids_a + [50256] + ids_b
-    assert corpus.n_tokens == len(stream)
     assert [(f["name"], f["tokens"]) for f in corpus.files] == [("a", len(ids_a)), ("b", len(ids_b))]
     assert corpus.train.dtype == torch.int64
 
 
 def test_token_cache_is_hit_on_the_second_build(tmp_path, gpt2, monkeypatch):
-    source = tmp_path / "story.txt"
-    source.write_text("Once upon a time there was a tiny model that learned to talk. " * 10, encoding="utf-8")
+    source = story_file(tmp_path, "Once upon a time there was a tiny model that learned to talk. ")
     cfg = make_config([source], context=8)
     first = data.build_corpus(cfg, gpt2, tmp_path / "cache")
 
@@ -249,14 +254,13 @@ def test_token_cache_is_hit_on_the_second_build(tmp_path, gpt2, monkeypatch):
     second = data.build_corpus(cfg, gpt2, tmp_path / "cache")
     assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
 
-    source.write_text("A different text now, so the cache must miss. " * 10, encoding="utf-8")
+    story_file(tmp_path, "A different text now, so the cache must miss. ")
     with pytest.raises(AssertionError, match="encoder ran"):
         data.build_corpus(cfg, gpt2, tmp_path / "cache")
 
 
 def test_torn_token_cache_is_rebuilt(tmp_path, gpt2):
-    source = tmp_path / "story.txt"
-    source.write_text("The quick brown fox jumps over the lazy dog. " * 10, encoding="utf-8")
+    source = story_file(tmp_path, "The quick brown fox jumps over the lazy dog. ")
     cfg = make_config([source], context=8)
     first = data.build_corpus(cfg, gpt2, tmp_path / "cache")
     (cached,) = (tmp_path / "cache").rglob("*.npy")
@@ -282,8 +286,7 @@ def test_validation_split_too_short_names_the_file_and_key(tmp_path):
 
 
 def test_vocab_smaller_than_the_tokenizer_names_the_key(tmp_path, gpt2):
-    source = tmp_path / "story.txt"
-    source.write_text("Zebras quietly synchronize their kaleidoscopic stripes. " * 10, encoding="utf-8")
+    source = story_file(tmp_path, "Zebras quietly synchronize their kaleidoscopic stripes. ")
     cfg = make_config([source], context=8)
     cfg.model.vocab_size = 256
     with pytest.raises(UserError, match="model.vocab_size"):

@@ -27,7 +27,7 @@ def test_ids_match_gpt2(encoding, sentence, ids):
 
 
 def test_endoftext_is_50256_and_vocab_is_50257(encoding):
-    assert tokenizer.eot_id(encoding) == 50256
+    assert encoding.eot_token == 50256
     assert tokenizer.encode(encoding, tokenizer.ENDOFTEXT) == [50256]
     assert encoding.n_vocab == 50257
 

@@ -1,9 +1,10 @@
-"""Compare the runs of an ablation grid: summary statistics, main effects, convergence fits, a report.
+"""Compare the runs of an ablation grid: summary statistics, main effects, convergence fits.
 
 Everything is read back from MLflow (the parent run's nested children), so a grid trained elsewhere
 against a remote tracking server can be compared from anywhere. fetch_grid() is the only reader;
 the statistics are pure functions on plain data (dataclasses, DataFrames), so they are tested on
 synthetic curves. Losses are cross-entropies in nats; "CI" is the 95% t-interval over seeds.
+gpt.ablation.report turns an Analysis into the terminal table and the report files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import optimize, stats
 
-from gpt.ablation import plots
 from gpt.errors import UserError
 
 METRICS = ("val_loss", "train_loss", "tokens_seen", "wall_seconds", "tokens_per_second")
@@ -289,9 +288,12 @@ def compare_to_base(base: Mapping[Hashable, float], level: Mapping[Hashable, flo
 
 def level_order(labels: Iterable[str]) -> list[str]:
     """Distinct labels, numbers (and ratios like '0.5x') by value first, then the rest alphabetically."""
-    return sorted(
-        set(labels), key=lambda label: (0, _number(label), label) if _number(label) is not None else (1, 0.0, label)
-    )
+
+    def key(label: str) -> tuple[int, float, str]:
+        number = _number(label)
+        return (0, number, label) if number is not None else (1, 0.0, label)
+
+    return sorted(set(labels), key=key)
 
 
 def _number(label: str | None) -> float | None:
@@ -306,7 +308,9 @@ def _same_number(label: str, other: str | None) -> bool:
     return label.strip().endswith("x") == (other or "").strip().endswith("x")
 
 
-def resolve_base_levels(levels: Mapping[str, Sequence[str]], tagged: Mapping[str, str]) -> tuple[dict, list[str]]:
+def resolve_base_levels(
+    levels: Mapping[str, Sequence[str]], tagged: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
     """Each factor's base level: the parent's tagged base value if it is a level, else the first level."""
     resolved, notes = {}, []
     for factor, options in levels.items():
@@ -351,6 +355,7 @@ def run_metrics(run: RunData, target: float) -> dict[str, float]:
     at_val = curves.loc[val.index]  # val may be logged every few epochs only
     train = curves["train_loss"].get(val.index[-1], math.nan)
     tps = curves["tokens_per_second"].dropna()
+    # the median epoch, because the first epoch also pays for compilation and warm-up
     throughput = float(tps.median()) if len(tps) else float(curves["tokens_seen"].max() / curves["wall_seconds"].max())
     over = overfit_epoch(val.index, val.to_numpy())
     # a curve that turned upward is no power law past its minimum: fit the part that converges
@@ -365,7 +370,6 @@ def run_metrics(run: RunData, target: float) -> dict[str, float]:
         "train_val_gap": float(val.iloc[-1] - train),
         "tokens_to_target": first_crossing(at_val["tokens_seen"], val, target),
         "seconds_to_target": first_crossing(at_val["wall_seconds"], val, target),
-        # the median epoch, because the first epoch also pays for compilation and warm-up
         "tokens_per_second": throughput,
         "overfit_epoch": math.nan if over is None else over,
         "fit_a": fit.a,
@@ -433,6 +437,21 @@ def _cells(runs: pd.DataFrame, factors: Sequence[str]) -> list[tuple[tuple, pd.D
     return [(key, groups[key]) for key in sorted(groups, key=rank.__getitem__)]
 
 
+EFFECT_COLUMNS = (
+    "factor",
+    "level",
+    "base",
+    "runs",
+    "mean",
+    "ci95",
+    "delta",
+    "delta_ci95",
+    "test",
+    "matched",
+    "p_value",
+)
+
+
 def main_effects(
     runs: pd.DataFrame, factors: Sequence[str], base_levels: Mapping[str, str], metric: str = "best_val_loss"
 ) -> pd.DataFrame:
@@ -481,22 +500,7 @@ def main_effects(
                     p_value=comparison.p_value,
                 )
             rows.append(row)
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "factor",
-            "level",
-            "base",
-            "runs",
-            "mean",
-            "ci95",
-            "delta",
-            "delta_ci95",
-            "test",
-            "matched",
-            "p_value",
-        ],
-    )
+    return pd.DataFrame(rows, columns=EFFECT_COLUMNS)
 
 
 def analyze(grid: GridData, target_loss: float | None = None) -> Analysis:
@@ -515,230 +519,11 @@ def analyze(grid: GridData, target_loss: float | None = None) -> Analysis:
     return Analysis(grid, target, source, base, notes, runs, summary, effects)
 
 
-# ---------------------------------------------------------------- terminal table and report
+def __getattr__(name: str) -> object:
+    # Transitional: ablate.py still imports compare from here. Delete this function once it imports
+    # gpt.ablation.report instead (a module-level import would be circular: report imports analysis).
+    if name == "compare":
+        from gpt.ablation.report import compare
 
-
-def _si(x: float) -> str:
-    if not np.isfinite(x):
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _pm(mean: float, ci: float, fmt: str = ".3f") -> str:
-    if not np.isfinite(mean):
-        return "-"
-    if fmt == "si":
-        return _si(mean) + (f" ± {_si(ci)}" if np.isfinite(ci) else "")
-    return f"{mean:{fmt}}" + (f" ± {ci:{fmt.lstrip('+')}}" if np.isfinite(ci) else "")
-
-
-def _summary_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    factors = analysis.grid.factors
-    header = [
-        *factors,
-        "seeds",
-        "best val",
-        "best epoch",
-        "final val",
-        "val-train gap",
-        "tokens to target",
-        "time to target (s)",
-        "tokens/s",
-        "overfit from epoch",
-    ]
-    rows = []
-    for _, s in analysis.summary.iterrows():
-        reached = "" if s["reached_target"] == s["seeds"] else f" ({s['reached_target']}/{s['seeds']} reached)"
-        overfit = f"{s['overfit_epoch']:.0f} ({s['overfit_runs']}/{s['seeds']} seeds)" if s["overfit_runs"] else ""
-        rows.append(
-            [
-                *(str(s[f]) for f in factors),
-                str(s["seeds"]),
-                _pm(s["best_val_loss_mean"], s["best_val_loss_ci95"]),
-                _pm(s["best_epoch_mean"], s["best_epoch_ci95"], ".1f"),
-                _pm(s["final_val_loss_mean"], s["final_val_loss_ci95"]),
-                _pm(s["train_val_gap_mean"], s["train_val_gap_ci95"]),
-                _pm(s["tokens_to_target_mean"], s["tokens_to_target_ci95"], "si") + reached,
-                _pm(s["seconds_to_target_mean"], s["seconds_to_target_ci95"], ".1f"),
-                _pm(s["tokens_per_second_mean"], s["tokens_per_second_ci95"], "si"),
-                overfit,
-            ]
-        )
-    return header, rows
-
-
-def _effect_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    header = ["factor", "level", "runs", "best val (marginal)", "Δ vs base", "test", "p"]
-    rows = [
-        [
-            e["factor"],
-            f"{e['level']} (base)" if e["base"] else e["level"],
-            str(e["runs"]),
-            _pm(e["mean"], e["ci95"]),
-            "" if e["base"] else _pm(e["delta"], e["delta_ci95"], "+.3f"),
-            "" if e["base"] else f"{e['test']} (n={e['matched']})",
-            f"{e['p_value']:.3g}" if np.isfinite(e["p_value"]) else "",
-        ]
-        for _, e in analysis.effects.iterrows()
-    ]
-    return header, rows
-
-
-def _fixed_width(header: list[str], rows: list[list[str]]) -> str:
-    table = [header, *rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table)
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
-
-
-def _headline(analysis: Analysis) -> str:
-    grid = analysis.grid
-    cells = len(analysis.summary)
-    text = (
-        f"grid {grid.grid_name or '(unnamed)'}, parent run {grid.parent_run_id}: {len(grid.runs)} finished "
-        f"runs in {cells} cells"
-    )
-    return text + (f", {len(grid.others)} not finished (left out)" if grid.others else "")
-
-
-def format_table(analysis: Analysis) -> str:
-    """The summary and the main effects as fixed-width text for the terminal."""
-    if not analysis.grid.runs:
-        return _headline(analysis) + "\nno finished child run to compare"
-    parts = [
-        _headline(analysis),
-        f"target val loss {analysis.target_loss:.4f} nats ({analysis.target_source}); mean ± 95% CI over seeds",
-        _fixed_width(*_summary_rows(analysis)),
-    ]
-    if len(analysis.effects):
-        parts += ["", "main effects on best val loss:", _fixed_width(*_effect_rows(analysis))]
-    return "\n".join(parts)
-
-
-def _report_markdown(analysis: Analysis, plot_files: list[str]) -> str:
-    grid, runs = analysis.grid, analysis.runs
-    lines = [f"# Ablation report: {grid.grid_name or grid.parent_run_id}", "", _headline(analysis) + ".", ""]
-    if grid.runs:
-        lines += [
-            f"Target val loss: **{analysis.target_loss:.4f} nats** ({analysis.target_source}).",
-            "",
-            "## Summary per cell",
-            "",
-            "Mean ± 95% confidence interval over seeds (Student t).",
-            "",
-            _markdown(*_summary_rows(analysis)),
-            "",
-            "## Main effects on best val loss",
-            "",
-            "Marginal mean per level over the other-factor combinations in which every level ran. Each level is "
-            "tested against the factor's base level on the runs it can be matched with: a paired t-test when "
-            "the same seeds ran at both levels, otherwise Welch's t-test. p-values are not corrected for "
-            "multiple comparisons. The interval of a marginal mean also holds the spread due to the other "
-            "factors; the matched Δ and its test do not.",
-            "",
-            *(line for note in analysis.notes for line in (f"- {note}", "")),
-            _markdown(*_effect_rows(analysis)),
-            "",
-            "## Convergence fits",
-            "",
-            "L(t) = a + b·t^(−c) over tokens seen t, per run; a is the asymptotic loss, c the rate; ± one "
-            "standard error from the fit's covariance. A run that overfits is fitted up to its best epoch.",
-            "",
-            _markdown(
-                ["run", *grid.factors, "seed", "a", "c", "fit"],
-                [
-                    [
-                        r["run_name"],
-                        *(str(r[f]) for f in grid.factors),
-                        str(r["seed"]),
-                        _pm(r["fit_a"], r["fit_a_se"]),
-                        _pm(r["fit_c"], r["fit_c_se"]),
-                        r["fit_error"] or "ok",
-                    ]
-                    for _, r in runs.iterrows()
-                ],
-            ),
-            "",
-            "## Overfitting",
-            "",
-        ]
-        flagged = runs[runs["overfit_epoch"].notna()]
-        lines += [
-            f"- {r['run_name']}: val loss lowest at epoch {r['overfit_epoch']:.0f}, then rose by more than "
-            f"{OVERFIT_TOLERANCE} nats"
-            for _, r in flagged.iterrows()
-        ] or ["No run's val loss turned upward."]
-        lines += ["", "## Plots", "", *(f"![{name}]({name})" for name in plot_files)]
-    if grid.others:
-        lines += [
-            "",
-            "## Runs not included",
-            "",
-            _markdown(
-                ["run", "run id", "status", "cell", "seed"],
-                [[r.name, r.run_id, r.status, r.cell_id, r.seed] for r in grid.others],
-            ),
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(grid: GridData, out_dir: str | Path, target_loss: float | None = None) -> list[Path]:
-    """Write report.md, summary.csv, runs.csv, main_effects.csv and plots/*.png; return their paths."""
-    return _write(analyze(grid, target_loss), Path(out_dir))
-
-
-def _write(analysis: Analysis, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    if analysis.grid.runs:
-        for name, table in (
-            ("summary.csv", analysis.summary),
-            ("runs.csv", analysis.runs),
-            ("main_effects.csv", analysis.effects),
-        ):
-            table.to_csv(out_dir / name, index=False)
-            files.append(out_dir / name)
-        grid = analysis.grid
-        for factor in grid.factors:
-            path = out_dir / "plots" / plots.file_name("curves", factor)
-            files.append(plots.factor_curves(grid.runs, factor, grid.factors, level_order(analysis.runs[factor]), path))
-        if len(analysis.effects):
-            files.append(plots.main_effects(analysis.effects, out_dir / "plots" / "main_effects.png"))
-    report = out_dir / "report.md"
-    plot_names = [f"plots/{p.name}" for p in files if p.suffix == ".png"]
-    report.write_text(_report_markdown(analysis, plot_names), encoding="utf-8")  # ± and Δ whatever the locale
-    return [report, *files]
-
-
-def log_report(parent_run_id: str, files: Iterable[Path], tracking_uri: str | None = None) -> None:
-    """Upload the report to the parent run: files in a `plots` folder under plots/, the rest at the root."""
-    client = MlflowClient(tracking_uri)
-    for path in files:
-        try:
-            folder = "plots" if path.parent.name == "plots" else None
-            client.log_artifact(parent_run_id, str(path), artifact_path=folder)
-        except MlflowException as exc:
-            reason = str(exc).strip().splitlines()[0]
-            raise UserError(f"cannot upload {path} to run {parent_run_id}: {reason}") from None
-
-
-def compare(
-    parent_run_id: str,
-    out_dir: str | Path,
-    tracking_uri: str | None = None,
-    target_loss: float | None = None,
-    log: bool = True,
-) -> tuple[str, list[Path]]:
-    """fetch_grid, analyze, write the report (and upload it to the parent run): the terminal table and files."""
-    analysis = analyze(fetch_grid(parent_run_id, tracking_uri), target_loss)
-    files = _write(analysis, Path(out_dir))
-    if log:
-        log_report(parent_run_id, files, tracking_uri)
-    return format_table(analysis), files
+        return compare
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,17 +26,25 @@ import copy
 import hashlib
 import itertools
 import json
-import re
+import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gpt.config import SECTIONS, Config, apply_overrides, from_dict, read_yaml, resolve_stride, set_key, validate
-from gpt.data import count_windows, steps_per_epoch
+from gpt.config import (
+    SECTIONS,
+    Config,
+    apply_overrides,
+    from_dict,
+    read_yaml,
+    resolve_stride,
+    set_key,
+    validate,
+    yaml_scalar,
+)
+from gpt.data import count_windows, window_stats
 from gpt.errors import UserError
 from gpt.model import count_parameters, flops_per_token
 
@@ -62,8 +70,6 @@ _NAME_KEYS = (
     "data.max_length",
     "data.stride",
 )
-# PyYAML (YAML 1.1) reads "1e-3" and "1.0e3" as strings; the float fields need them as numbers.
-_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -248,19 +254,16 @@ def _apply_inline(cfg: Config, inline: Any) -> None:
         key = str(key)
         if key in SECTIONS and isinstance(value, dict):
             for sub, sub_value in value.items():
-                set_key(cfg, f"{key}.{sub}", _numeric(f"{key}.{sub}", sub_value), parse=False)
+                set_key(cfg, f"{key}.{sub}", sub_value, parse=False)
         else:
-            set_key(cfg, key, _numeric(key, value), parse=False)
+            set_key(cfg, key, value, parse=False)
 
 
-def _apply_set(cfg: Config, item: Any) -> None:
-    if not isinstance(item, str) or "=" not in item:
+def _apply_set(cfg: Config, item: str) -> None:
+    """One `set` item, read exactly as train.py --set reads it."""
+    if "=" not in item:
         raise UserError("must look like section.key=value (e.g. train.epochs=2)")
-    key, text = (part.strip() for part in item.split("=", 1))
-    if _is_text_field(key):
-        apply_overrides(cfg, [item])  # str fields keep the text as typed, as train.py --set does
-    else:
-        set_key(cfg, key, _numeric(key, _yaml_scalar(text)), parse=False)
+    apply_overrides(cfg, [item])
 
 
 def _vary_items(vary: Any, where: str) -> list[tuple[str, Any]]:
@@ -286,7 +289,7 @@ def _parse_vary(item: str) -> tuple[str, list[Any]]:
     parts = [p.strip() for p in text.split(",")] if text else []
     if _is_text_field(key):
         return key, parts
-    return key, [_numeric(key, _yaml_scalar(p)) for p in parts]
+    return key, [yaml_scalar(p) for p in parts]
 
 
 def _factor(key: str, levels: Any, where: str) -> Factor:
@@ -303,10 +306,10 @@ def _factor(key: str, levels: Any, where: str) -> Factor:
         if key == "data.stride" and isinstance(level, float):
             raise UserError(f"{where}: data.stride: {level} is not a token count; write a ratio as '{level}x'")
         try:
-            set_key(scratch, key, _numeric(key, copy.deepcopy(level)), parse=False)
+            set_key(scratch, key, copy.deepcopy(level), parse=False)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
-        value = getattr(getattr(scratch, key.split(".")[0]), key.split(".", 1)[1])
+        value = _value(scratch, key)
         if key == "data.stride" and isinstance(value, str):
             try:
                 resolve_stride(value, 1)
@@ -371,26 +374,12 @@ def _string_list(value: Any, where: str) -> list[str]:
 
 
 def _is_text_field(key: str) -> bool:
-    """str and list[str] fields take command-line text verbatim ("2024.txt" stays a file name)."""
+    """str and list[str] fields take --vary text verbatim ("2024.txt" stays a file name, not a number)."""
     section, _, name = key.partition(".")
     if section not in SECTIONS:
         return False
     hint = typing.get_type_hints(SECTIONS[section]).get(name)
     return hint is str or hint == list[str]
-
-
-def _yaml_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        return text
-
-
-def _numeric(key: str, value: Any) -> Any:
-    """'1e-3' -> 0.001 for number fields; text fields keep their text."""
-    if isinstance(value, str) and _EXPONENT.match(value.strip()) and not _is_text_field(key):
-        return float(value)
-    return value
 
 
 def format_level(value: Any) -> str:
@@ -464,8 +453,7 @@ def _base_level(base: Config, factor: Factor) -> tuple[Any, str]:
     for value, label in zip(factor.values, factor.labels, strict=True):
         if _effective(_with(base, factor.key, value), factor.key) == effective:
             return value, label
-    section, name = factor.key.split(".", 1)
-    raw = getattr(getattr(base, section), name)
+    raw = _value(base, factor.key)
     if factor.key == "data.stride" and raw is None:
         return raw, "1x"
     return raw, format_level(effective)
@@ -486,6 +474,11 @@ def _effective(cfg: Config, key: str) -> Any:
             return cfg.window_stride
         except UserError:
             return cfg.data.stride
+    return _value(cfg, key)
+
+
+def _value(cfg: Config, key: str) -> Any:
+    """The value of a dotted key as set on the config."""
     section, name = key.split(".", 1)
     return getattr(getattr(cfg, section), name)
 
@@ -549,18 +542,15 @@ def corpus_key(cfg: Config) -> str:
 
 
 def plan_rows(cells: Sequence[Cell], train_tokens: int, val_tokens: int) -> list[dict[str, Any]]:
-    """Size and cost of each cell on a corpus of the given split sizes (the same arithmetic as data_stats).
+    """Size and cost of each cell on a corpus of the given split sizes, counted as a training run counts them.
 
     All cells must share one corpus (see corpus_key); group them first when a grid varies the data.
     """
     rows = []
     for cell in cells:
-        cfg, t = cell.config, cell.config.train
-        length, stride = cfg.window_length, cfg.window_stride
-        train_windows = count_windows(train_tokens, length, stride)
-        steps = steps_per_epoch(train_windows, t.batch_size, t.drop_last)
-        tokens = min(train_windows, steps * t.batch_size) * length
-        per_token = flops_per_token(cfg.model, length)
+        cfg = cell.config
+        stats = window_stats(cfg, train_tokens, val_tokens)
+        per_token = flops_per_token(cfg.model, cfg.window_length)
         rows.append(
             {
                 "name": cell.name,
@@ -568,13 +558,13 @@ def plan_rows(cells: Sequence[Cell], train_tokens: int, val_tokens: int) -> list
                 "seed": cell.seed,
                 "levels": dict(cell.levels),
                 "n_params": count_parameters(cfg.model),
-                "train_windows": train_windows,
-                "val_windows": count_windows(val_tokens, length, length),
-                "steps_per_epoch": steps,
-                "tokens_per_epoch": tokens,
-                "epochs": t.epochs,
+                "train_windows": stats.train_windows,
+                "val_windows": stats.val_windows,
+                "steps_per_epoch": stats.steps_per_epoch,
+                "tokens_per_epoch": stats.tokens_per_epoch,
+                "epochs": cfg.train.epochs,
                 "flops_per_token": per_token,
-                "flops": per_token * tokens * t.epochs,
+                "flops": per_token * stats.tokens_per_epoch * cfg.train.epochs,
             }
         )
     return rows
@@ -584,32 +574,24 @@ def format_plan(rows: Sequence[dict[str, Any]], skipped: Sequence[SkippedCell] =
     """A table of the cells (one column per factor), the totals, then the skipped cells and why."""
     factor_keys = list(dict.fromkeys(key for row in rows for key in row["levels"]))
     header = ["cell", *factor_keys, "params", "windows", "steps/ep", "tokens/ep", "epochs", "FLOPs"]
-    table = [header]
-    for row in rows:
-        table.append(
-            [
-                row["name"],
-                *(row["levels"].get(key, "") for key in factor_keys),
-                _si(row["n_params"]),
-                str(row["train_windows"]),
-                str(row["steps_per_epoch"]),
-                _si(row["tokens_per_epoch"]),
-                str(row["epochs"]),
-                f"{row['flops']:.2e}",
-            ]
-        )
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    # names left-aligned, everything else right-aligned so numbers line up
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in table
+    cells = [
+        [
+            row["name"],
+            *(row["levels"].get(key, "") for key in factor_keys),
+            si(row["n_params"]),
+            str(row["train_windows"]),
+            str(row["steps_per_epoch"]),
+            si(row["tokens_per_epoch"]),
+            str(row["epochs"]),
+            f"{row['flops']:.2e}",
+        ]
+        for row in rows
     ]
+    lines = table_lines(header, cells, numbers_right=True)
     steps = sum(r["steps_per_epoch"] * r["epochs"] for r in rows)
     tokens = sum(r["tokens_per_epoch"] * r["epochs"] for r in rows)
     flops = sum(r["flops"] for r in rows)
-    lines.append(f"total: {len(rows)} cells, {steps} steps, {_si(tokens)} training tokens, {flops:.2e} FLOPs")
+    lines.append(f"total: {len(rows)} cells, {steps} steps, {si(tokens)} training tokens, {flops:.2e} FLOPs")
     if skipped:
         lines.append(f"skipped ({len(skipped)}):")
         # the levels as asked: two skipped cells can share a name (stride 16 and 0.5x both show s16)
@@ -619,8 +601,27 @@ def format_plan(rows: Sequence[dict[str, Any]], skipped: Sequence[SkippedCell] =
     return "\n".join(lines)
 
 
-def _si(n: float) -> str:
+# ---------------------------------------------------------------- terminal formatting (also used by report)
+
+
+def si(x: float) -> str:
+    """A count in three significant digits with an SI suffix (12.3M); '-' for NaN and infinities."""
+    if not math.isfinite(x):
+        return "-"
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def table_lines(header: list[str], rows: list[list[str]], numbers_right: bool = False) -> list[str]:
+    """Text lines of aligned columns, two spaces apart; `numbers_right` right-aligns all but the first column."""
+    table = [header, *rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return [
+        "  ".join(
+            cell.rjust(width) if numbers_right and i else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]

@@ -29,6 +29,18 @@ def file_name(prefix: str, key: str) -> str:
     return f"{prefix}_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
 
 
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # renders without pyplot (global state) or a display
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
 def seed_average(curves: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Per epoch: the mean of the seeds' curves (x positions included), and the seeds' val loss range.
 
@@ -56,8 +68,7 @@ def factor_curves(
         cells.setdefault(tuple(run.levels[f] for f in factors), []).append(run)
     contexts = sorted({tuple(run.levels[f] for f in others) for run in runs})
 
-    figure = Figure(figsize=(15, 4.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = _figure(15, 4.6)
     axes = figure.subplots(1, len(X_AXES), sharey=True)
     for members in cells.values():
         levels_of = members[0].levels
@@ -91,17 +102,14 @@ def factor_curves(
         ]
     axes[-1].legend(handles=handles, fontsize="small", loc="upper right")
     figure.suptitle(f"{factor}: val loss (thick; band: range over seeds) and train loss (thin), mean over seeds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
 
 
 def main_effects(effects: pd.DataFrame, path: Path) -> Path:
     """Per factor: marginal mean best val loss per level with its 95% CI; the base level filled."""
     factors = list(dict.fromkeys(effects["factor"]))
-    figure = Figure(figsize=(max(4.0, 3.6 * len(factors)), 3.8), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = np.atleast_1d(figure.subplots(1, len(factors), sharey=True, squeeze=False)[0])
+    figure = _figure(max(4.0, 3.6 * len(factors)), 3.8)
+    axes = figure.subplots(1, len(factors), sharey=True, squeeze=False)[0]
     for axis, factor in zip(axes, factors, strict=True):
         rows = effects[effects["factor"] == factor]
         x = np.arange(len(rows))
@@ -115,6 +123,4 @@ def main_effects(effects: pd.DataFrame, path: Path) -> Path:
         axis.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("best val loss (nats)")
     figure.suptitle("main effects: marginal mean with 95% CI")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
