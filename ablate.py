@@ -4,18 +4,23 @@ python ablate.py plan configs/grids/arch.yaml
 python ablate.py run configs/grids/arch.yaml --vary model.n_layers=2,4,8 --seeds 0,1,2
 python ablate.py run --base configs/tiny.yaml --data book.txt --vary data.stride=0.5x,1x --seeds 0
 python ablate.py compare <parent_run_id>
+python ablate.py run grid.yaml --shard 0/2          # on one machine; --shard 1/2 on another, same MLFLOW_TRACKING_URI
+python ablate.py slurm grid.yaml --partition gpu    # a Slurm job array: task k trains cell k
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import click
 from mlflow.tracking import MlflowClient
 
 from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, load_grid, plan_rows
-from gpt.ablation.runner import RunnerOptions, parse_shard, run_grid
+from gpt.ablation.runner import RunnerOptions, close_parent, parse_shard, run_grid
+from gpt.ablation.slurm import SlurmOptions, check, job_script
 from gpt.cli import friendly_errors
 from gpt.data import build_corpus
 from gpt.errors import UserError
@@ -87,7 +92,7 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
     "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
 )
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Cells trained at once.")
-@click.option("--gpus", help="GPU ids to spread cells over, e.g. 0,1,2,3.")
+@click.option("--gpus", help="GPUs to spread cells over, e.g. 0,1,2,3 (counted within $CUDA_VISIBLE_DEVICES).")
 @click.option("--per-gpu", type=click.IntRange(1, 64), default=1, show_default=True, help="Cells per GPU at once.")
 @click.option("--shard", default="0/1", show_default=True, help="Run share i of n of the cells (for many machines).")
 @click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
@@ -101,6 +106,8 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
     )
     if not cells:
         raise UserError(f"grid {spec.name} has no runnable cell ({len(skipped)} skipped as invalid)")
+    if per_gpu > 1 and not gpus:
+        raise UserError(f"--per-gpu {per_gpu} packs cells onto GPUs: name them with --gpus, e.g. --gpus 0")
     for cell in skipped:
         click.echo(f"skipped {cell.name}: {cell.reason}")
     uri = resolve_tracking_uri(tracking_uri)
@@ -116,13 +123,92 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         echo=click.echo,
     )
     outcome = run_grid(spec, cells, skipped, options)
-    report(outcome.parent_run_id, uri, target_loss, out_dir)
+    if outcome.complete:
+        try:
+            report(outcome.parent_run_id, uri, target_loss, out_dir)
+        finally:
+            click.echo(f"parent run {close_parent(uri, outcome)}")
+    else:  # other shards (or processes) still have cells: the last one to finish reports and ends the parent
+        click.echo(
+            f"{len(outcome.waiting)} of {len(cells)} cells are still running or not started elsewhere; the parent "
+            f"stays RUNNING until the last shard writes the report (partial report: ablate.py compare "
+            f"{outcome.parent_run_id})"
+        )
     if outcome.failed:
         click.echo(f"{len(outcome.failed)} cell(s) failed:")
         for failed in outcome.failed:
             click.echo(f"  {failed.cell.name}: {failed.message}")
     click.echo(f"parent_run_id: {outcome.parent_run_id}")
     raise SystemExit(1 if outcome.failed else 0)
+
+
+@main.command(context_settings=CONTEXT)
+@grid_options
+@click.option("--experiment", help="MLflow experiment (default: the grid's name).")
+@click.option("--tracking-uri", help="Where every task reports (default $MLFLOW_TRACKING_URI); exported to the job.")
+@click.option("--tasks", type=int, help="Array tasks (default: one per cell); task k runs --shard k/TASKS.")
+@click.option("--max-running", type=int, help="At most this many tasks at once (sbatch --array=...%N).")
+@click.option("--partition", help="Slurm partition.")
+@click.option("--account", help="Slurm account.")
+@click.option("--time", "time_limit", default="04:00:00", show_default=True, help="Time limit per task.")
+@click.option("--gpus-per-task", type=click.IntRange(0, 64), default=1, show_default=True, help="0: CPU only.")
+@click.option("--gres", help="Generic resources instead of gpu:N, e.g. gpu:a100:1.")
+@click.option("--per-gpu", type=click.IntRange(1, 64), default=1, show_default=True, help="Cells per GPU at once.")
+@click.option("--cpus-per-task", type=click.IntRange(1, 1024), default=8, show_default=True)
+@click.option("--mem", help="Memory per task, e.g. 32G.")
+@click.option("--sbatch", "extra", multiple=True, metavar="OPTION", help="Another #SBATCH option; repeatable.")
+@click.option("--log-dir", default="slurm-logs", show_default=True, help="Where each task's output goes.")
+@click.option("--python", "python", default=sys.executable, show_default="this Python", help="Python on the nodes.")
+@click.option("--target-loss", type=float, help="Passed on to the report of the last task.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Script file (default: <grid name>.sbatch).")
+@friendly_errors
+def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
+          tasks, max_running, partition, account, time_limit, gpus_per_task, gres, per_gpu, cpus_per_task, mem, extra,
+          log_dir, python, target_loss, output) -> None:  # fmt: skip
+    """Write a Slurm job-array script that trains the grid's cells, one array task per cell."""
+    spec, cells, skipped, _, _, tokenizer_file = build_cells(
+        grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
+    )
+    if not cells:
+        raise UserError(f"grid {spec.name} has no runnable cell ({len(skipped)} skipped as invalid)")
+    args = [*([grid_file] if grid_file else []), "--name", spec.name, "--experiment", experiment or spec.name]
+    options_given = {"--base": [base], "--data": data, "--vary": vary, "--seeds": [seeds], "--set": sets}
+    options_given.update({"--design": [design], "--tokenizer-file": [tokenizer_file], "--cache-dir": [cache_dir]})
+    for flag, values in {**options_given, "--target-loss": [target_loss]}.items():
+        args += [part for value in values if value is not None for part in (flag, str(value))]
+    options = SlurmOptions(
+        tasks=tasks or len(cells),
+        time=time_limit,
+        partition=partition,
+        account=account,
+        gpus_per_task=gpus_per_task,
+        gres=gres,
+        per_gpu=per_gpu,
+        cpus_per_task=cpus_per_task,
+        mem=mem,
+        max_running=max_running,
+        log_dir=log_dir,
+        extra=list(extra),
+        python=python,
+    )
+    check(options, len(cells))
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).expanduser().resolve()}"  # the same file from every node
+        click.echo(
+            f"note: every task writes to the SQLite file {uri[len('sqlite:///') :]}; that needs a shared file "
+            "system and suits a few tasks; for more, run a tracking server (docs/team-server.md)",
+            err=True,
+        )
+    script = job_script(spec.name, len(cells), args, {"MLFLOW_TRACKING_URI": uri}, Path(__file__).resolve(), options)
+    path = Path(output or f"{spec.name}.sbatch")
+    path.write_text(script)
+    path.chmod(0o755)
+    (options.workdir / log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it: logs would be lost
+    for cell in skipped:
+        click.echo(f"skipped {cell.name}: {cell.reason}")
+    click.echo(f"wrote {path}: {len(cells)} cells over {options.tasks} array tasks, reporting to {uri}")
+    click.echo(f"submit with: sbatch {shlex.quote(str(path))}")
 
 
 @main.command(context_settings=CONTEXT)

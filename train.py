@@ -2,7 +2,13 @@
 
 python train.py --config configs/tiny.yaml --data book.txt
 python train.py --config configs/gpt2-128.yaml --data 'books/*.txt' --set model.n_layers=6
-python train.py --resume <run_id>
+python train.py --resume <run_id>                  # continue a killed run from its last checkpoint
+python train.py --resume <run_id> --epochs 20      # or train a finished one longer
+python train.py --replay mlruns/local/<run_id>     # send what a run could not deliver to its server
+
+Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 non-finite loss, 4 tracking left undelivered
+(replay it), 130/143 stopped by Ctrl-C/SIGTERM (resume it).
+$GPT_TRACKING_TIMEOUT: seconds a finished run waits for a slow or absent tracking server (default 120).
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ from pathlib import Path
 import click
 
 from gpt import config as config_module
-from gpt.cli import friendly_errors
+from gpt.cli import Command, friendly_errors
+from gpt.errors import UserError
 from gpt.job import JobOptions, describe, prepare, resume_options, train
 from gpt.text import default_cache_dir
-from gpt.tracking import replay, resolve_tracking_uri, ui_link
+from gpt.tracking import check_tracking_uri, replay, resolve_tracking_uri, ui_link
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (default: built-in seed).")
 @click.option("--data", multiple=True, help="Text file, glob or gutenberg:<id>; repeatable. Sets data.files.")
 @click.option(
@@ -28,7 +35,7 @@ from gpt.tracking import replay, resolve_tracking_uri, ui_link
 @click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="Where to train (default auto).")
-@click.option("--experiment", default="gpt", show_default=True, help="MLflow experiment name.")
+@click.option("--experiment", help="MLflow experiment name (default gpt).")
 @click.option("--run-name", help="MLflow run name (default like L12-H12-E768-ctx128-s128).")
 @click.option(
     "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
@@ -38,9 +45,16 @@ from gpt.tracking import replay, resolve_tracking_uri, ui_link
 )
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Downloads and token caches (or $GPT_CACHE_DIR).")
 @click.option("--dry-run", is_flag=True, help="Check everything and print sizes; train nothing, create no run.")
-@click.option("--resume", metavar="RUN_ID|CHECKPOINT", help="Continue a run from its last checkpoint.")
 @click.option(
-    "--replay", "replay_dir", type=click.Path(file_okay=False), help="Send a dead run's spooled tracking data."
+    "--resume",
+    metavar="RUN_ID|CHECKPOINT",
+    help="Continue a run from its last checkpoint, with its own config and data (--epochs, --device may change).",
+)
+@click.option(
+    "--replay",
+    "replay_dir",
+    type=click.Path(file_okay=False),
+    help="Send the tracking data a run left undelivered (its folder, as the run's message named it).",
 )
 @friendly_errors
 def main(
@@ -60,23 +74,33 @@ def main(
     replay_dir,
 ) -> None:
     """Train a GPT language model on text files, with every run tracked in MLflow."""
-    uri = resolve_tracking_uri(tracking_uri)
     if replay_dir:
-        sent = replay(Path(replay_dir), uri)
-        click.echo(f"replayed {sent} spooled items from {replay_dir} to {uri}")
+        conflicts = {"--resume": resume, "--config": config_path, "--data": data, "--set": overrides}
+        given = [name for name, value in conflicts.items() if value]
+        if given:
+            raise UserError(f"--replay sends a run's spool and trains nothing; drop {', '.join(given)}")
+        run_id, sent, status = replay(Path(replay_dir), tracking_uri)
+        ended = f"; the run is now {status}" if status else ""
+        click.echo(f"replayed {sent} spooled items of run {run_id}{ended}")
         return
     shortcuts = [f"train.epochs={epochs}"] * (epochs is not None) + [f"train.seed={seed}"] * (seed is not None)
     shortcuts += [f"train.device={device}"] * (device is not None)
     options = JobOptions(
-        experiment=experiment,
+        experiment=experiment or "gpt",
         run_name=run_name,
-        tracking_uri=uri,
+        tracking_uri=tracking_uri,
         cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
         tokenizer_file=tokenizer_file or os.environ.get("GPT_TIKTOKEN_FILE"),
         echo=click.echo,
     )
     if resume:
-        cfg, payload, run_id = resume_options(resume, options, [*overrides, *shortcuts])
+        conflicts = {"--config": config_path, "--data": data, "--run-name": run_name, "--experiment": experiment}
+        given = [name for name, value in conflicts.items() if value]
+        if given:
+            raise UserError(f"--resume continues a run with its own config, data and name; drop {', '.join(given)}")
+        resumption = resume_options(resume, options, [*overrides, *shortcuts])
+        cfg, payload, run_id = resumption.cfg, resumption.payload, resumption.run_id
+        options.tracking_uri = resumption.tracking_uri
     else:
         cfg = config_module.load(config_path, overrides)
         if data:
@@ -84,14 +108,22 @@ def main(
         config_module.apply_overrides(cfg, shortcuts)
         config_module.validate(cfg)
         payload = run_id = None
-    prepared = prepare(cfg, options)
+        options.tracking_uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(options.tracking_uri)  # before the data are read: an unusable store fails at once
+    prepared = prepare(cfg, options, payload)
     for line in describe(prepared):
         click.echo(line)
+    if payload is not None:
+        state = payload["state"]
+        click.echo(
+            f"resuming run {run_id} from {resumption.path}: epoch {state['epoch'] + 1} of {cfg.train.epochs}, "
+            f"after batch {state['batch_in_epoch']} (step {state['step']})"
+        )
     if dry_run:
-        click.echo("dry run: configuration and data are valid; no run was created")
+        click.echo("dry run: configuration and data are valid; no run was created or changed")
         return
     result = train(cfg, options, prepared, resume_payload=payload, resume_run_id=run_id)
-    click.echo(f"status: {result.status}" + (f" ({result.message})" if result.message else ""))
+    click.echo(f"status: {result.status}" + (f": {result.message}" if result.message else ""))  # ends copyable
     if result.final_val_loss is not None:
         click.echo(f"final val loss: {result.final_val_loss:.4f}")
     if result.best_epoch:

@@ -3,15 +3,20 @@
 A checkpoint is a plain dict of tensors and primitive values, so `torch.load(weights_only=True)`
 can read it and a checkpoint file can never run code:
   format, config (nested dict), model (state_dict), optimizer (state_dict or None),
-  epoch (last finished epoch, 1-based), step, best_val_loss, rng (torch CPU/CUDA states), tokenizer.
+  epoch (last finished epoch, 1-based), step, best_val_loss, rng (Python, NumPy, torch CPU/CUDA/MPS
+  states), tokenizer. Training checkpoints add state (the trainer's TrainState), run_id, data (path,
+  sha256 and tokens of each file trained on) and tracking_uri, so a run can be resumed from the file alone.
 """
 
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gpt import config as config_module
@@ -22,16 +27,43 @@ FORMAT = "gpt-mlflow-checkpoint/1"
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    """Every random generator a training step could draw from, in types weights_only can load."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": position,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict[str, Any], source: str = "checkpoint") -> None:
+    """Restore rng_state(); generators the checkpoint lacks (or this machine lacks) are left alone."""
+    try:
+        torch.set_rng_state(state["torch"])
+        if "python" in state:
+            version, internal, gauss = state["python"]
+            random.setstate((version, tuple(internal), gauss))
+        if "numpy" in state:
+            n = state["numpy"]
+            keys = n["keys"].numpy().astype(np.uint32)
+            np.random.set_state((n["kind"], keys, n["position"], n["has_gauss"], n["gauss"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if "mps" in state and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["mps"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise UserError(f"{source}: its random generator states are unusable ({type(exc).__name__}: {exc})") from None
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -77,12 +109,23 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return payload
 
 
+def require(payload: dict[str, Any], keys: Iterable[str], source: str) -> None:
+    """A checkpoint that lacks what a use of it needs is named, with what it lacks."""
+    missing = [key for key in keys if key not in payload]
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}: it is not a training checkpoint of this tool")
+
+
 def config_of(payload: dict[str, Any], source: str = "checkpoint") -> Config:
+    if not isinstance(payload.get("config"), dict):
+        raise UserError(f"{source} holds no config (expected a mapping under 'config')")
     return config_module.validate(config_module.from_dict(payload["config"], source=source))
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, turning a shape mismatch into a message that names the tensor and both shapes."""
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"{source} holds no model weights (expected a mapping of tensor names to tensors)")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -1,24 +1,30 @@
 """One training job: check everything, open (or reopen) an MLflow run, train, report, finish.
 
-Checks that can fail on user input (config, data, tokenizer, tracking URI) all run before a run is
-created, so a mistake never leaves an empty or RUNNING run behind.
+Checks that can fail on user input (config, data, tokenizer, tracking URI, the checkpoint to resume)
+all run before a run is created or reopened, so a mistake never leaves an empty or RUNNING run
+behind. Once a run is open, every way out of training ends it: FINISHED; KILLED on Ctrl-C or
+SIGTERM, with a checkpoint to resume from; FAILED on a non-finite loss or a crash.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint
@@ -30,18 +36,36 @@ from gpt.runs import find_checkpoint
 from gpt.sampling import sample_text
 from gpt.tokenizer import get_encoding
 from gpt.tracking import (
+    Spool,
     Tracker,
+    absolute_uri,
     check_tracking_uri,
     ensure_experiment,
     local_artifact_dir,
+    open_client,
     resolve_tracking_uri,
+    run_lock,
     sqlite_folder,
     with_retries,
 )
-from gpt.trainer import EpochMetrics, Interrupted, NonFiniteLoss, Trainer, TrainState, autocast_dtype, resolve_device
+from gpt.trainer import (
+    EpochMetrics,
+    Interrupted,
+    NonFiniteLoss,
+    StepPoints,
+    Trainer,
+    TrainState,
+    autocast_dtype,
+    resolve_device,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+# What a resumed run may change: how long it trains, and where and how often it reports. Any other
+# key would make the run's logged params describe something it did not train.
+RESUMABLE_KEYS = ("train.epochs", "train.device", "train.compile", "train.checkpoint_every_s", "train.sample_every")
+PROGRESS_KEYS = ("train_loss", "train_loss_step")  # the metrics whose last step says how far a run has logged
 
 
 @dataclass
@@ -64,6 +88,7 @@ class Prepared:
     stats: DataStats
     device: torch.device
     n_params: int
+    resumed: Trainer | None = None  # restored from the checkpoint to resume, already checked against cfg and data
 
 
 @dataclass
@@ -76,6 +101,18 @@ class JobResult:
     final_val_loss: float | None
     message: str = ""
     exit_code: int = 0
+    local_dir: str = ""  # the run's spool and lock; `train.py --replay` it when tracking was left undelivered
+
+
+@dataclass
+class Resumption:
+    """What --resume continues: the run's config (its data files included), checkpoint, run and store."""
+
+    cfg: Config
+    payload: dict[str, Any]
+    run_id: str
+    tracking_uri: str
+    path: Path
 
 
 def default_run_name(cfg: Config) -> str:
@@ -91,8 +128,16 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def prepare(cfg: Config, options: JobOptions) -> Prepared:
-    """Everything that can fail on user input, before any run exists."""
+def check_names(options: JobOptions) -> None:
+    if options.run_name is not None:
+        check_run_name(options.run_name)
+    if not options.experiment.strip():
+        raise UserError("the experiment name must not be empty (--experiment NAME)")
+
+
+def prepare(cfg: Config, options: JobOptions, resume_payload: dict[str, Any] | None = None) -> Prepared:
+    """Everything that can fail on user input, before any run exists (or is reopened)."""
+    check_names(options)
     encoding = get_encoding(options.tokenizer_file)
     corpus = build_corpus(cfg, encoding, options.cache_dir)
     device = resolve_device(cfg.train.device)
@@ -100,7 +145,10 @@ def prepare(cfg: Config, options: JobOptions) -> Prepared:
         raise UserError("train.device is cuda but no CUDA GPU is available; use --device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("train.device is mps but MPS is not available; use --device auto or cpu")
-    return Prepared(cfg, corpus, data_stats(cfg, corpus), device, count_parameters(cfg.model))
+    prepared = Prepared(cfg, corpus, data_stats(cfg, corpus), device, count_parameters(cfg.model))
+    if resume_payload is not None:
+        prepared.resumed = build_trainer(cfg, prepared, resume_payload)
+    return prepared
 
 
 def describe(prepared: Prepared) -> list[str]:
@@ -171,11 +219,11 @@ class Checkpoints:
     written at the next checkpoint time instead.
     """
 
-    def __init__(self, folder: Path, cfg: Config, run_id: str, every_s: float):
-        self.folder, self.cfg, self.run_id, self.every_s = folder, cfg, run_id, every_s
+    def __init__(self, folder: Path, cfg: Config, run_id: str, every_s: float, extra: dict[str, Any]):
+        self.folder, self.cfg, self.run_id, self.every_s, self.extra = folder, cfg, run_id, every_s, extra
         self.last_write = time.monotonic()
         self.best_payload: dict[str, Any] | None = None
-        self.written: set[str] = set()
+        self.written = {path.name for path in folder.glob("*.pt")}  # a resumed run's earlier files count
 
     def payload(self, trainer: Trainer) -> dict[str, Any]:
         state = trainer.state
@@ -190,6 +238,7 @@ class Checkpoints:
             "rng": checkpoint.rng_state(),
             "tokenizer": {"name": "gpt2"},
             "run_id": self.run_id,
+            **self.extra,
         }
 
     def on_epoch(self, trainer: Trainer, improved: bool) -> None:
@@ -210,7 +259,13 @@ class Checkpoints:
 
 
 class Reporter:
-    """The trainer's observer: metrics, samples, plot and checkpoints after each epoch."""
+    """The trainer's observer: metrics, samples, plot and checkpoints after each epoch.
+
+    A resumed run re-trains from its checkpoint, which may be older than what the run has logged
+    (checkpoints are throttled; a killed process logged epochs after its last one). Epoch metrics
+    up to logged_epoch and step points up to logged_step are therefore not logged again: the
+    re-trained values are the same, so the run's curves have every point exactly once.
+    """
 
     def __init__(
         self,
@@ -219,20 +274,24 @@ class Reporter:
         checkpoints: Checkpoints,
         encoding,
         options: JobOptions,
-        logged_epochs: int = 0,
+        logged_epoch: int = 0,
+        logged_step: int = 0,
     ):
         self.prepared, self.tracker, self.checkpoints = prepared, tracker, checkpoints
-        self.encoding, self.options, self.logged_epochs = encoding, options, logged_epochs
+        self.encoding, self.options = encoding, options
+        self.logged_epoch, self.logged_step = logged_epoch, logged_step
         self.title = default_run_name(prepared.cfg)
 
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         cfg, epochs = self.prepared.cfg, self.prepared.cfg.train.epochs
         improved = trainer.state.best_epoch == metrics.epoch
-        if metrics.epoch > self.logged_epochs:  # a resumed run re-trains epochs it may have logged
-            points = [(k, float(v), metrics.epoch, int(time.time() * 1000)) for k, v in metrics.as_metrics().items()]
-            points += [("train_loss_step", loss, step, int(time.time() * 1000)) for step, loss in metrics.step_losses]
-            self.tracker.log_points(points)
-            self.tracker.log_loss_curve(trainer.state.history, self.title)
+        points = []
+        if metrics.epoch > self.logged_epoch:
+            now = int(time.time() * 1000)
+            points = [(k, float(v), metrics.epoch, now) for k, v in metrics.as_metrics().items()]
+            self.logged_epoch = metrics.epoch
+        self.log_steps(metrics.step_losses, points)
+        self.tracker.log_loss_curve(trainer.state.history, self.title)
         if cfg.train.sample_every and (metrics.epoch % cfg.train.sample_every == 0 or metrics.epoch == epochs):
             self.tracker.log_text(self.samples(trainer, metrics.epoch), f"samples/epoch_{metrics.epoch:03d}.txt")
         self.checkpoints.on_epoch(trainer, improved)
@@ -241,6 +300,14 @@ class Reporter:
             f"epoch {metrics.epoch}/{epochs}  train {metrics.train_loss:.3f}  val {val}  "
             f"{metrics.tokens_per_second:,.0f} tokens/s  {metrics.epoch_seconds:.1f} s"
         )
+
+    def log_steps(self, step_losses: StepPoints, points: Sequence[tuple[str, float, int, int]] = ()) -> None:
+        """Log the train_loss_step points after logged_step (with `points`, as one batch)."""
+        now = int(time.time() * 1000)
+        new = [("train_loss_step", loss, step, now) for step, loss in step_losses if step > self.logged_step]
+        if new:
+            self.logged_step = new[-1][2]
+        self.tracker.log_points([*points, *new])
 
     def samples(self, trainer: Trainer, epoch: int) -> str:
         t = self.prepared.cfg.train
@@ -260,27 +327,46 @@ class Reporter:
         return "\n".join(lines)
 
 
+def _notice(text: str) -> None:
+    """Write from a signal handler: print() could re-enter a write the handler interrupted."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
 class StopOnSignal:
-    """First Ctrl-C/SIGTERM asks the trainer to stop after the current step; a second exits at once."""
+    """First Ctrl-C/SIGTERM asks the trainer to stop after the current step; a second exits at once.
+
+    With `immediate` (set once training is over and only delivery is left) the first signal exits.
+    Python runs signal handlers in the main thread only: in another thread (an ablation worker)
+    this does nothing, and whoever runs the thread stops its trainer with `trainer.stop_requested`.
+    """
 
     def __init__(self, trainer: Trainer):
-        self.trainer, self.signal_number = trainer, 0
+        self.trainer, self.signal_number, self.immediate = trainer, 0, False
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
-        for number in (signal.SIGINT, signal.SIGTERM):
-            self.previous[number] = signal.signal(number, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
 
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal_number or signal.SIGINT)  # a stop asked for in code counts as Ctrl-C
+
     def _handle(self, number: int, frame: object) -> None:
-        if self.signal_number:
+        if self.signal_number or self.immediate:
             raise SystemExit(128 + number)
         self.signal_number = number
         self.trainer.stop_requested = True
+        _notice("\nstopping after this step to save a checkpoint; press Ctrl-C again to exit at once\n")
 
 
 def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions, uri: str) -> str:
@@ -289,29 +375,117 @@ def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions, uri
     if options.parent_run_id:
         tags["mlflow.parentRunId"] = options.parent_run_id
     run_name = check_run_name(options.run_name or default_run_name(prepared.cfg))
-    return start_run_in(client, experiment_id, run_name, tags)
-
-
-def start_run_in(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
     return run.info.run_id
 
 
-def resume_options(target: str, options: JobOptions, overrides: list[str]) -> tuple[Config, dict[str, Any], str]:
-    """The config, checkpoint payload and run id to continue, from a run id or a checkpoint path."""
-    path = Path(target)
-    if not (path.suffix == ".pt" or path.is_file()):
-        path = find_checkpoint(target, "last", options.tracking_uri)
+def existing_run(client: MlflowClient, run_id: str, uri: str) -> Run:
+    try:
+        run = with_retries(lambda: client.get_run(run_id))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(f"run {run_id} is not in {uri}; pass the --tracking-uri it was trained with") from None
+        raise
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(f"run {run_id} is deleted in {uri}; restore it in MLflow before resuming it")
+    return run
+
+
+def resume_options(target: str, options: JobOptions, overrides: Sequence[str]) -> Resumption:
+    """The config, checkpoint and run to continue, from a run id (its last.pt) or a checkpoint file.
+
+    The store is options.tracking_uri, else (for a file) the one the checkpoint names, else the default.
+    Only RESUMABLE_KEYS may be overridden; the data are the very files the run trained on.
+    """
+    by_id = RUN_ID.fullmatch(target) is not None and not Path(target).exists()
+    uri = resolve_tracking_uri(options.tracking_uri)
+    if by_id:
+        check_tracking_uri(uri)
+        local = local_run_dir(uri, options.cache_dir, target) / "checkpoints" / "last.pt"
+        path = local if local.is_file() else find_checkpoint(target, "last", uri)  # remote stores: local first
+    else:
+        path = Path(target).expanduser()
+        if path.is_dir():
+            raise UserError(f"--resume {target}: is a folder; give a run id or a checkpoint file (.pt)")
+        if not path.is_file() and path.suffix != ".pt":
+            raise UserError(f"--resume {target!r} is neither a run id (32 hex digits) nor a checkpoint file")
+    source = f"checkpoint {path}"
     payload = checkpoint.load(path)
-    cfg = checkpoint.config_of(payload, source=str(path))
-    apply_overrides(cfg, overrides)  # e.g. more epochs, another device
+    checkpoint.require(payload, ("config", "model", "optimizer", "state", "rng", "run_id"), source)
+    run_id = payload["run_id"]
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise UserError(f"{source} names no MLflow run to continue (run_id is {run_id!r})")
+    if by_id and run_id != target:
+        raise UserError(f"{source} belongs to run {run_id}, not to run {target}")
+    cfg = checkpoint.config_of(payload, source)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and key not in RESUMABLE_KEYS:
+            raise UserError(
+                f"--resume continues run {run_id} with its own config: only {', '.join(RESUMABLE_KEYS)} "
+                f"may change, not {key}"
+            )
+    apply_overrides(cfg, overrides)
     validate(cfg)
-    run_id = payload.get("run_id")
-    if not run_id:
-        raise UserError(f"checkpoint {path} names no MLflow run to continue")
-    if payload["state"]["epoch"] >= cfg.train.epochs:
-        raise UserError(f"run {run_id} already finished its {cfg.train.epochs} epochs; add --epochs N to train longer")
-    return cfg, payload, run_id
+    if payload.get("data"):
+        cfg.data.files = [info["path"] for info in payload["data"]]
+    state = TrainState.from_dict(payload["state"], source)
+    if state.epoch >= cfg.train.epochs:
+        raise UserError(
+            f"run {run_id} already trained its {cfg.train.epochs} epochs; "
+            f"add --epochs N (more than {state.epoch}) to train it longer"
+        )
+    if not by_id and not options.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = payload.get("tracking_uri") or uri
+    return Resumption(cfg, payload, run_id, uri, path)
+
+
+def check_same_data(payload: dict[str, Any], prepared: Prepared) -> None:
+    """A run resumes on the very text it trained on: a changed file would change every later loss."""
+    trained_on = payload.get("data")
+    if not trained_on:
+        return
+    if len(trained_on) != len(prepared.corpus.files):
+        raise UserError(
+            f"run {payload['run_id']} trained on {len(trained_on)} data files, not {len(prepared.corpus.files)}"
+        )
+    for old, new in zip(trained_on, prepared.corpus.files, strict=True):
+        if old["sha256"] != new["sha256"]:
+            raise UserError(
+                f"data file {new['path']} changed since run {payload['run_id']} trained on it (sha256 "
+                f"{old['sha256'][:12]}... then, {new['sha256'][:12]}... now); restore it or start a new run"
+            )
+
+
+def build_trainer(cfg: Config, prepared: Prepared, payload: dict[str, Any] | None) -> Trainer:
+    """The model and trainer, new or restored from a checkpoint; a checkpoint that does not fit raises UserError."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    if payload is None:
+        return Trainer(cfg, model, prepared.corpus, prepared.device)
+    source = "the checkpoint"
+    check_same_data(payload, prepared)
+    checkpoint.load_model_state(model, payload["model"], source)
+    state = TrainState.from_dict(payload["state"], source)
+    trainer = Trainer(cfg, model, prepared.corpus, prepared.device, state)
+    if payload["optimizer"]:
+        try:
+            trainer.optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{source}: its optimizer state does not fit the model ({exc})") from None
+    # Nothing draws from torch's generator between here and the first step (samples use their own).
+    checkpoint.set_rng_state(payload["rng"], source)
+    return trainer
+
+
+def logged_progress(client: MlflowClient, run_id: str, spool: Spool) -> tuple[int, int]:
+    """The last epoch and step a run has logged, sent or still in its spool."""
+    spooled = spool.last_steps(PROGRESS_KEYS)
+    last = []
+    for key in PROGRESS_KEYS:
+        history = with_retries(lambda key=key: client.get_metric_history(run_id, key))
+        last.append(max([spooled[key], *(m.step for m in history)]))
+    return last[0], last[1]
 
 
 def train(
@@ -320,72 +494,98 @@ def train(
     prepared: Prepared | None = None,
     resume_payload: dict[str, Any] | None = None,
     resume_run_id: str | None = None,
-    claim: Callable[[str], str | None] | None = None,
 ) -> JobResult:
-    """Train one run end to end. With resume_payload, continue that checkpoint in its own run.
-
-    `claim(run_id)`, called once the run exists, may veto it (another worker owns this ablation
-    cell): the run is deleted and the result's status is CLAIMED, with the reason as message.
-    """
-    prepared = prepared or prepare(cfg, options)
+    """Train one run end to end. With resume_payload, continue that checkpoint in its own run."""
+    if (resume_payload is None) != (resume_run_id is None):
+        raise ValueError("resume_payload and resume_run_id go together")
+    prepared = prepared or prepare(cfg, options, resume_payload)
     uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking_uri(uri)
-    client = MlflowClient(uri)
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    state, logged_epochs = TrainState(), 0
-    if resume_payload is not None and resume_run_id is not None:
-        checkpoint.load_model_state(model, resume_payload["model"], "checkpoint")
-        state = TrainState(**resume_payload["state"])
-        run_id = resume_run_id
-        with_retries(lambda: client.update_run(run_id, status="RUNNING"))
-        logged_epochs = max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
+    if resume_payload is not None and prepared.resumed is not None:
+        trainer, prepared.resumed = prepared.resumed, None  # a trainer trains one run
     else:
-        run_id = start_run(client, prepared, options, uri)
-        reason = claim(run_id) if claim else None
-        if reason:
-            with_retries(lambda: client.delete_run(run_id))
-            return JobResult(run_id, "", "CLAIMED", float("nan"), 0, None, reason)
-    run = with_retries(lambda: client.get_run(run_id))
-    local_dir = local_run_dir(uri, options.cache_dir, run_id)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    (local_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+        trainer = build_trainer(cfg, prepared, resume_payload)
+    client = open_client(uri)
+    with StopOnSignal(trainer) as stopper:  # from here on a run exists, and a signal must end it properly
+        if resume_run_id is not None:
+            run = existing_run(client, resume_run_id, uri)
+        else:
+            run = with_retries(lambda: client.get_run(start_run(client, prepared, options, uri)))
+        local_dir = local_run_dir(uri, options.cache_dir, run.info.run_id)
+        with run_lock(local_dir, run.info.run_id):
+            if resume_run_id is not None:
+                with_retries(lambda: client.update_run(resume_run_id, status="RUNNING"))
+            resuming = resume_run_id is not None
+            return _train_run(trainer, prepared, options, client, run, local_dir, stopper, resuming)
+
+
+def _train_run(
+    trainer: Trainer,
+    prepared: Prepared,
+    options: JobOptions,
+    client: MlflowClient,
+    run: Run,
+    local_dir: Path,
+    stopper: StopOnSignal,
+    resuming: bool,
+) -> JobResult:
+    """Train in an open run and end it, whatever happens."""
+    cfg, run_id, uri = prepared.cfg, run.info.run_id, absolute_uri(client.tracking_uri)
     tracker = Tracker(client, run_id, local_dir)
-    artifacts = local_artifact_dir(run.info.artifact_uri)
-    checkpoints = Checkpoints((artifacts or local_dir) / "checkpoints", cfg, run_id, cfg.train.checkpoint_every_s)
-    trainer = Trainer(cfg, model, prepared.corpus, prepared.device, state)
-    if resume_payload is not None:
-        if resume_payload.get("optimizer"):
-            trainer.optimizer.load_state_dict(resume_payload["optimizer"])
-        checkpoint.set_rng_state(resume_payload["rng"])
-    else:
-        tracker.log_params(run_params(prepared))
-        tracker.log_text(dump_yaml(cfg), "config.yaml")
-    encoding = get_encoding(options.tokenizer_file)
-    trainer.observers.append(Reporter(prepared, tracker, checkpoints, encoding, options, logged_epochs))
     status, message, exit_code = "FINISHED", "", 0
-    with StopOnSignal(trainer) as stopper:
+    try:  # the outer try also ends the run when a handler below fails (a full disk while saving)
         try:
+            (local_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+            artifacts = local_artifact_dir(run.info.artifact_uri)
+            data = [{**info, "path": str(Path(info["path"]).resolve())} for info in prepared.corpus.files]
+            extra = {"data": data, "tracking_uri": uri}
+            folder = (artifacts or local_dir) / "checkpoints"
+            checkpoints = Checkpoints(folder, cfg, run_id, cfg.train.checkpoint_every_s, extra)
+            logged = logged_progress(client, run_id, tracker.spool) if resuming else (0, 0)
+            reporter = Reporter(prepared, tracker, checkpoints, get_encoding(options.tokenizer_file), options, *logged)
+            trainer.observers.append(reporter)
+            if not resuming:
+                tracker.log_params(run_params(prepared))
+                tracker.log_text(dump_yaml(cfg), "config.yaml")
             trainer.fit()
             checkpoints.write(trainer)
-        except Interrupted:
+        except Interrupted as exc:
+            reporter.log_steps(exc.step_points)
             checkpoints.write(trainer)
-            status, exit_code = "KILLED", 128 + stopper.signal_number
-            message = f"interrupted at epoch {trainer.state.epoch + 1}, step {trainer.state.step}; checkpoint saved"
+            status, exit_code = "KILLED", stopper.exit_code
+            s = trainer.state
+            message = (
+                f"interrupted in epoch {s.epoch + 1} after step {s.step}; checkpoint saved, "
+                f"continue with: python train.py --resume {run_id}"
+            )
         except NonFiniteLoss as exc:
+            reporter.log_steps(exc.step_points)
             checkpoints.write(trainer, include_last=False)  # the weights are garbage now; keep the best
-            status, exit_code, message = "FAILED", 3, f"training stopped: {exc}"
-        except BaseException:
-            tracker.close("FAILED", timeout=30)
-            raise
-    if artifacts is None:  # a remote artifact store: upload the final checkpoints once
-        for name in sorted(checkpoints.written):
-            tracker.log_file(checkpoints.folder / name, "checkpoints", snapshot=False)
-    delivered = tracker.close(status)
+            kept = f"; best.pt (epoch {trainer.state.best_epoch}) is kept" if "best.pt" in checkpoints.written else ""
+            status, exit_code, message = "FAILED", 3, f"training stopped: {exc}{kept}"
+    except BaseException as exc:
+        stopper.immediate = True
+        if isinstance(exc, SystemExit) and stopper.signal_number:  # a second Ctrl-C: leave now
+            options.echo("stopped at once, without a checkpoint; the run ends KILLED")
+            tracker.close("KILLED", timeout=1.0, notify=options.echo)
+        else:
+            tracker.close("FAILED", timeout=30.0, notify=options.echo)
+        raise
+    stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
+    try:
+        if artifacts is None:  # a remote artifact store: upload the final checkpoints once
+            for name in sorted(checkpoints.written):
+                tracker.log_file(checkpoints.folder / name, "checkpoints", snapshot=False)
+        delivered = tracker.close(status, notify=options.echo)
+    except SystemExit:
+        options.echo(
+            f"stopped waiting for the tracking server; send the rest with: python train.py --replay {local_dir}"
+        )
+        raise
     if not delivered:
         message += (
-            f"{'; ' if message else ''}the tracking server could not be reached: what it is missing is kept in "
-            f"{local_dir} (send it with: python train.py replay {local_dir})"
+            f"{'; ' if message else ''}the tracking server did not take everything in time: the rest is kept in "
+            f"{local_dir}; send it with: python train.py --replay {local_dir}"
         )
     history = trainer.state.history
     final_val = next((row["val_loss"] for row in reversed(history) if row["val_loss"] is not None), None)
@@ -397,5 +597,6 @@ def train(
         trainer.state.best_epoch,
         final_val,
         message,
-        exit_code if delivered or exit_code else 4,
+        exit_code or (0 if delivered else 4),
+        str(local_dir),
     )

@@ -1,14 +1,17 @@
 """MLflow: where runs go, and a tracker that never stalls or loses a training run.
 
-Every metric batch, tag and artifact is first appended to a spool file in the run's local folder,
-then delivered by a background thread. Training never waits on HTTP: a tracking server that goes
-away mid-run only delays delivery, and a run that dies leaves a spool that `train.py replay` sends.
+Every metric batch, param set, tag and artifact is first appended (and fsynced) to a spool file in
+the run's local folder, then delivered by a background thread. Training never waits on the network:
+a tracking server that goes away mid-run only delays delivery, and a run that dies leaves a spool
+that `python train.py --replay DIR` sends.
 Delivery is idempotent: MLflow drops a metric point identical to one it holds (key, step, value,
-timestamp), so a point whose acknowledgement was lost can be re-sent safely.
+timestamp), params may be sent again with the same value and artifacts overwrite, so an item whose
+acknowledgement was lost is simply sent again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -22,27 +25,63 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
 import sqlalchemy.exc
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt.errors import UserError
 from gpt.plots import loss_curve
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs and stores are then not guarded
+    fcntl = None  # type: ignore[assignment]
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 PARAM_LIMIT = 6000  # MLflow's maximum length of a param value
+CLOSE_TIMEOUT_ENV = "GPT_TRACKING_TIMEOUT"  # seconds a finished run waits for its tracking data to be delivered
+DEFAULT_CLOSE_TIMEOUT = 120.0
+CLOSING_RETRY_S = 2.0  # once a run has ended, how often delivery is retried while close() waits
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# MLflow error codes that mean "try again later"; a locked SQLite file arrives as TEMPORARILY_UNAVAILABLE
+TRANSIENT_CODES = {
+    "TEMPORARILY_UNAVAILABLE",
+    "SERVICE_UNDER_MAINTENANCE",
+    "RESOURCE_EXHAUSTED",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+}
+_OUTAGE = re.compile(
+    r"database is locked|database table is locked|connection refused|connection reset|connection aborted|"
+    r"max retries exceeded|timed out|remote end closed|broken pipe|error code 50[234]\b",
+    re.IGNORECASE,
+)
 T = TypeVar("T")
+
+
+class TrackingUnavailable(UserError):
+    """The tracking store kept failing: what it is missing stays in a local spool, to replay later."""
+
+    exit_code = 4
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under ./mlruns."""
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def absolute_uri(uri: str) -> str:
+    """A SQLite URI that no longer depends on the current directory (others are returned as they are)."""
+    path = sqlite_path(uri)
+    return f"sqlite:///{path}" if path is not None and not uri.endswith(":memory:") else uri
 
 
 def is_remote(uri: str) -> bool:
@@ -72,10 +111,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     elif scheme == "sqlite":
         path = uri.split(":///", 1)[-1]
         if path and path != ":memory:":
-            try:
-                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"tracking store {uri}: cannot create its folder ({exc.strerror})") from None
+            _check_sqlite_file(uri, Path(path).expanduser())
     elif scheme in ("", "file"):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
             raise UserError(
@@ -86,14 +122,30 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; use sqlite:///... or http://...")
 
 
+def _check_sqlite_file(uri: str, path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"tracking store {uri}: {path} is a folder; name the database file, e.g. {path}/mlflow.db")
+    if path.is_file():
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+        if head and head != SQLITE_MAGIC:
+            raise UserError(f"tracking store {uri}: {path} is not a SQLite database")
+        return
+    ancestor = path.parent  # created when the store is opened: a check writes nothing
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"tracking store {uri}: cannot create {path} ({ancestor} is not a writable folder)")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: a locked SQLite file, a server that is down or restarting."""
-    text = str(exc).lower()
-    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlite3.OperationalError)):
-        return "locked" in text or "busy" in text
+    """Errors worth retrying: a locked SQLite file, a server that is down, restarting or overloaded."""
     if isinstance(exc, MlflowException):
-        return any(s in text for s in ("locked", "connection", "max retries", "timed out", "503", "502", "504"))
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+        return exc.error_code in TRANSIENT_CODES or bool(_OUTAGE.search(str(exc)))
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlite3.OperationalError)):
+        return "locked" in str(exc).lower() or "busy" in str(exc).lower()
+    # artifact uploads go through requests directly; a missing file or a denied folder is not transient
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
 def with_retries(call: Callable[[], T], attempts: int = 8, first_wait: float = 0.2) -> T:
@@ -110,11 +162,62 @@ def with_retries(call: Callable[[], T], attempts: int = 8, first_wait: float = 0
     raise AssertionError("unreachable")
 
 
-def sqlite_folder(tracking_uri: str) -> Path | None:
-    """The folder holding a SQLite store's file, or None for other stores."""
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive advisory lock on `path` for the block; yields False if non-blocking and taken."""
+    if fcntl is None:
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, run_id: str) -> Iterator[None]:
+    """Only one process at a time may train or replay a run (on this machine)."""
+    with file_lock(folder / "lock", blocking=False) as taken:
+        if not taken:
+            raise UserError(
+                f"run {run_id} is in use by another process on this machine ({folder / 'lock'} is locked); "
+                "wait for it to end or stop it first"
+            )
+        yield
+
+
+def open_client(uri: str) -> MlflowClient:
+    """A client whose store is ready to use.
+
+    MLflow creates a new SQLite store's tables on first use without a lock, so two trainings that
+    start together on a new file both run the migrations, and one fails. They take turns here.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        return MlflowClient(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        return MlflowClient(uri)  # MLflow opens (and migrates) the store right here
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The file of a SQLite store, or None for other stores."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    return Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve().parent
+    return Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve()
+
+
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder holding a SQLite store's file, or None for other stores."""
+    path = sqlite_path(tracking_uri)
+    return path.parent if path else None
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -133,7 +236,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         try:
             experiment_id = with_retries(lambda: client.create_experiment(name, artifact_location=location))
         except MlflowException:  # another process created it between our two calls
-            experiment_id = client.get_experiment_by_name(name).experiment_id
+            experiment_id = with_retries(lambda: client.get_experiment_by_name(name)).experiment_id
     else:
         if experiment.lifecycle_stage == "deleted":
             raise UserError(f"experiment {name!r} is deleted; restore it in MLflow or choose another --experiment")
@@ -163,8 +266,22 @@ def flatten_params(params: dict[str, Any]) -> list[Param]:
     return [Param(key, str(value)[:PARAM_LIMIT]) for key, value in params.items()]
 
 
+def close_timeout() -> float:
+    """$GPT_TRACKING_TIMEOUT, else DEFAULT_CLOSE_TIMEOUT seconds."""
+    text = os.environ.get(CLOSE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_CLOSE_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UserError(f"{CLOSE_TIMEOUT_ENV} must be a number of seconds (0 or more), got {text!r}")
+    return value
+
+
 class Spool:
-    """An append-only journal of tracking calls plus the count already delivered."""
+    """An append-only journal of tracking calls, numbered by `seq`, plus the last seq delivered."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -172,13 +289,31 @@ class Spool:
         self.delivered_file = folder / "spool.delivered"
         folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._repair()
+        self.last_seq = max((item["seq"] for item in self.items()), default=0)
 
-    def append(self, item: dict[str, Any]) -> None:
-        line = json.dumps(item) + "\n"
-        with self._lock, open(self.journal, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+    def _repair(self) -> None:
+        """Cut a line torn by a crash mid-append, so that later appends start a line of their own."""
+        if not self.journal.is_file():
+            return
+        data = self.journal.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with open(self.journal, "r+b") as handle:
+                handle.truncate(keep)
+                os.fsync(handle.fileno())
+
+    def add(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Number the item, append it durably, and return it numbered."""
+        with self._lock:
+            item = {"seq": self.last_seq + 1, **item}
+            line = json.dumps(item) + "\n"
+            with open(self.journal, "a", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.last_seq += 1
+        return item
 
     def items(self) -> list[dict[str, Any]]:
         if not self.journal.is_file():
@@ -187,9 +322,13 @@ class Spool:
         for line in self.journal.read_text(encoding="utf-8").splitlines():
             try:
                 items.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash mid-write: nothing after it was acked
-                break
+            except json.JSONDecodeError:  # only a damaged disk gets here: keep what can be read
+                continue
         return items
+
+    def pending(self) -> list[dict[str, Any]]:
+        delivered = self.delivered()
+        return [item for item in self.items() if item["seq"] > delivered]
 
     def delivered(self) -> int:
         try:
@@ -197,13 +336,23 @@ class Spool:
         except (FileNotFoundError, ValueError):
             return 0
 
-    def mark_delivered(self, count: int) -> None:
+    def mark_delivered(self, seq: int) -> None:
         partial = self.delivered_file.with_suffix(".tmp")
-        partial.write_text(str(count))
+        partial.write_text(str(seq))
         os.replace(partial, self.delivered_file)
 
+    def last_steps(self, keys: Iterable[str]) -> dict[str, int]:
+        """The highest step spooled for each metric key (0 when none)."""
+        last = dict.fromkeys(keys, 0)
+        for item in self.items():
+            if item["kind"] == "metrics":
+                for key, _, step, _ in item["points"]:
+                    if key in last:
+                        last[key] = max(last[key], step)
+        return last
 
-def deliver(client: MlflowClient, run_id: str, item: dict[str, Any]) -> None:
+
+def deliver(client: MlflowClient, run_id: str, item: dict[str, Any], local_dir: Path) -> None:
     """Send one spooled item to MLflow (raises on failure; the caller retries)."""
     kind = item["kind"]
     if kind == "metrics":
@@ -217,31 +366,48 @@ def deliver(client: MlflowClient, run_id: str, item: dict[str, Any]) -> None:
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in item["tags"].items()], synchronous=True)
     elif kind == "artifact":
-        if Path(item["path"]).exists():  # a snapshot removed by hand is skipped, not retried forever
+        if Path(item["path"]).exists():  # a file removed by hand, or already sent and cleared, is skipped
             client.log_artifact(run_id, item["path"], item.get("artifact_path"))
-    elif kind == "plot":  # drawn here, off the training thread; the history travels in the spool
-        with tempfile.TemporaryDirectory() as folder:
-            path = loss_curve(item["history"], Path(folder) / item["file"], title=item.get("title", ""))
-            client.log_artifact(run_id, str(path), item["artifact_path"])
+    elif kind == "plot":  # drawn here, off the training thread, from the latest history
+        history_file = local_dir / "history.json"
+        if history_file.is_file():
+            history = json.loads(history_file.read_text(encoding="utf-8"))
+            with tempfile.TemporaryDirectory() as folder:
+                path = loss_curve(history, Path(folder) / item["file"], title=item.get("title", ""))
+                client.log_artifact(run_id, str(path), item["artifact_path"])
     elif kind == "end":
         client.set_terminated(run_id, item["status"])
     else:
         raise ValueError(f"unknown spool item {kind!r}")
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class Tracker:
     """A run's tracking: spool to disk first, deliver in the background, never block training."""
 
-    def __init__(self, client: MlflowClient, run_id: str, local_dir: Path, retry_wait: float = 1.0):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        local_dir: Path,
+        retry_wait: float = 1.0,
+        warn: Callable[[str], None] = _warn,
+    ):
         self.client, self.run_id, self.local_dir = client, run_id, local_dir
         self.spool = Spool(local_dir)
-        self._sequence = len(self.spool.items())
+        self._outbox = local_dir / "outbox"
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._retry_wait = retry_wait
-        self._snapshots = local_dir / "artifacts"
+        self._retry_wait, self._warn = retry_wait, warn
+        self._closing = threading.Event()
+        self._abandoned = threading.Event()
+        self._closed = False
         self.last_error: str | None = None
-        for item in self.spool.items()[self.spool.delivered() :]:  # left over from an earlier process
-            self._queue.put(item)
+        for item in self.spool.pending():  # left by an earlier process of this run
+            if item["kind"] != "end":  # that process ended the run; this one is continuing it
+                self._queue.put(item)
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
 
@@ -265,75 +431,150 @@ class Tracker:
     def log_file(self, path: Path, artifact_path: str | None, snapshot: bool = True) -> None:
         """Upload a file. With snapshot, a copy is queued so later rewrites of `path` don't race."""
         if snapshot:
-            target = self._snapshots / (artifact_path or "") / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = self._staged(path.name)
             shutil.copy2(path, target)
             path = target
         self._put({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        target = self._snapshots / artifact_file
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self._staged(Path(artifact_file).name)
         target.write_text(text, encoding="utf-8")
         folder = str(Path(artifact_file).parent)
         self._put({"kind": "artifact", "path": str(target), "artifact_path": None if folder == "." else folder})
 
     def log_loss_curve(self, history: list[dict], title: str) -> None:
-        item = {"kind": "plot", "history": history, "file": "loss_curve.png", "artifact_path": "plots"}
-        self._put({**item, "title": title})
+        """The plot is drawn by the sender from history.json: the spool stays small however long the run."""
+        target = self.local_dir / "history.json"
+        partial = target.with_suffix(".tmp")
+        partial.write_text(json.dumps(history), encoding="utf-8")
+        os.replace(partial, target)
+        self._put({"kind": "plot", "file": "loss_curve.png", "artifact_path": "plots", "title": title})
 
     def pending(self) -> int:
-        return self._sequence - self.spool.delivered()
+        return self.spool.last_seq - self.spool.delivered()
 
-    def close(self, status: str = "FINISHED", timeout: float = 120.0) -> bool:
-        """Queue the run's end and wait up to `timeout` s for delivery; False leaves a spool to replay."""
-        self._put({"kind": "end", "status": status})
-        self._queue.put(None)
-        self._thread.join(timeout)
+    def close(
+        self, status: str = "FINISHED", timeout: float | None = None, notify: Callable[[str], None] = _warn
+    ) -> bool:
+        """End the run and wait up to `timeout` s (default: close_timeout()) for delivery.
+
+        Returns True when everything was delivered; False leaves a spool for `train.py --replay`.
+        """
+        timeout = close_timeout() if timeout is None else timeout
+        if not self._closed:
+            self._closed = True
+            self._put({"kind": "end", "status": status})
+            self._queue.put(None)
+            self._closing.set()  # the sender stops backing off and retries every CLOSING_RETRY_S
+        deadline = time.monotonic() + timeout
+        self._thread.join(min(timeout, CLOSING_RETRY_S))
+        if self._thread.is_alive() and deadline > time.monotonic():
+            reason = f" (last error: {self.last_error})" if self.last_error else ""
+            notify(
+                f"waiting up to {timeout:.0f} s for the tracking server to take {self.pending()} "
+                f"pending items{reason}; Ctrl-C stops waiting"
+            )
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self._abandoned.set()  # the spool keeps the rest; don't retry in the background for ever
         return not self._thread.is_alive() and self.pending() == 0
 
     # -- the sender thread
 
+    def _staged(self, name: str) -> Path:
+        """A fresh outbox folder per file: a later file of the same name can't overwrite one being sent."""
+        folder = self._outbox / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return folder / name
+
     def _put(self, item: dict[str, Any]) -> None:
-        self._sequence += 1
-        item = {"seq": self._sequence, **item}
-        self.spool.append(item)
-        self._queue.put(item)
+        self._queue.put(self.spool.add(item))
 
     def _send_loop(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
+            if item is None or not self._send(item):
                 return
-            wait = self._retry_wait
-            while True:
-                try:
-                    deliver(self.client, self.run_id, item)
-                    self.last_error = None
-                    break
-                except Exception as exc:  # keep training alive whatever the server answers
-                    self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    if not is_transient(exc):  # it would fail the same way forever: report it, keep the rest
-                        print(f"warning: MLflow refused a {item['kind']} item: {self.last_error}", file=sys.stderr)
-                        break
-                    time.sleep(wait)
-                    wait = min(wait * 2, 30.0)
             self.spool.mark_delivered(item["seq"])
+            clear_staged(item, self.local_dir)
+
+    def _send(self, item: dict[str, Any]) -> bool:
+        """Deliver one item, retrying while the store is down; False once close() gave up waiting."""
+        wait = self._retry_wait
+        while not self._abandoned.is_set():
+            try:
+                deliver(self.client, self.run_id, item, self.local_dir)
+                self.last_error = None
+                return True
+            except Exception as exc:  # keep training alive whatever the server answers
+                self.last_error = _one_line(exc)
+                if not is_transient(exc):  # it would fail the same way forever: report it, keep the rest
+                    self._warn(f"warning: MLflow refused a {item['kind']} item of run {self.run_id}: {self.last_error}")
+                    return True
+                if self._closing.is_set():
+                    self._abandoned.wait(min(wait, CLOSING_RETRY_S))
+                else:
+                    self._closing.wait(wait)  # close() cuts a long back-off short
+                wait = min(wait * 2, 30.0)
+        return False
 
 
-def replay(local_dir: Path, tracking_uri: str) -> int:
-    """Deliver what a dead run's spool still holds; returns the number of items sent."""
-    spool = Spool(local_dir)
+def clear_staged(item: dict[str, Any], local_dir: Path) -> None:
+    """Remove a delivered artifact's outbox copy (files logged in place are left alone)."""
+    staged = Path(item.get("path", ""))
+    if item["kind"] == "artifact" and staged.parent.parent == local_dir / "outbox":
+        shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def replay(local_dir: Path, tracking_uri: str | None = None) -> tuple[str, int, str | None]:
+    """Deliver what a run's spool still holds, and end the run if its process died without ending it.
+
+    Returns (run_id, items sent, status set or None). The tracking URI defaults to the run's own.
+    """
     meta_file = local_dir / "run.json"
+    if not local_dir.is_dir():
+        raise UserError(f"--replay {local_dir}: no such folder (give the folder a failed run named)")
     if not meta_file.is_file():
         raise UserError(f"{local_dir} holds no run spool (run.json is missing)")
-    run_id = json.loads(meta_file.read_text())["run_id"]
-    client = MlflowClient(tracking_uri)
-    items = spool.items()
-    start = spool.delivered()
-    for item in items[start:]:
-        with_retries(lambda item=item: deliver(client, run_id, item), attempts=5)
-        spool.mark_delivered(item["seq"])
-    if not any(item["kind"] == "end" for item in items):
-        with_retries(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED)))
-    return len(items) - start
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        run_id = meta["run_id"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{meta_file} is not a run file of this tool") from None
+    uri = tracking_uri or meta.get("tracking_uri") or resolve_tracking_uri()
+    check_tracking_uri(uri)
+    with run_lock(local_dir, run_id):
+        spool = Spool(local_dir)
+        items = spool.items()
+        if not items:
+            raise UserError(f"{local_dir}: the spool is empty; there is nothing to replay")
+        if items[-1]["kind"] != "end":  # the process died mid-run: the run failed
+            spool.add({"kind": "end", "status": "FAILED"})
+        pending = spool.pending()
+        client = open_client(uri)
+        status = None
+        for item in pending:
+            last = item["seq"] == spool.last_seq
+            if item["kind"] != "end" or last:  # an end followed by more items was undone by a resume
+                _replay_one(client, run_id, item, local_dir)
+                status = item["status"] if item["kind"] == "end" else status
+            spool.mark_delivered(item["seq"])
+            clear_staged(item, local_dir)
+    return run_id, len(pending), status
+
+
+def _replay_one(client: MlflowClient, run_id: str, item: dict[str, Any], local_dir: Path) -> None:
+    try:
+        with_retries(lambda: deliver(client, run_id, item, local_dir), attempts=5)
+    except Exception as exc:
+        if is_transient(exc):
+            raise TrackingUnavailable(
+                f"the tracking store failed while replaying item {item['seq']} ({_one_line(exc)}); "
+                "what was sent is remembered: run the same command again later"
+            ) from None
+        _warn(f"warning: MLflow refused a {item['kind']} item of run {run_id}: {_one_line(exc)}")

@@ -1,13 +1,15 @@
 """The training loop: shuffled windows, AdamW, per-epoch validation. Observers do the reporting.
 
 The loop knows nothing of MLflow: it trains, and calls `on_epoch_end` on its observers (minGPT's
-callback shape). Its whole position (epoch, batch within the epoch, step, RNG) lives in a
-TrainState, so a checkpoint taken between any two steps resumes to exactly the same losses.
+callback shape). Its whole position (epoch, batch within the epoch, step, the losses of the epoch so
+far) lives in a TrainState, so a checkpoint taken between any two steps, together with the RNG
+states, resumes to exactly the same losses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,10 @@ import torch
 
 from gpt.config import Config
 from gpt.data import Corpus, Windows, epoch_order, sequential_batches
+from gpt.errors import UserError
 from gpt.model import GPT
+
+StepPoints = list[tuple[int, float]]  # (global step, training loss) of the steps that are logged
 
 
 @dataclass
@@ -29,11 +34,24 @@ class TrainState:
     wall_seconds: float = 0.0  # training + validation time so far, across resumes
     best_val_loss: float = math.inf
     best_epoch: int = 0
-    epoch_loss_sum: float = 0.0  # running sum of this epoch's step losses (mid-epoch)
+    epoch_losses: list[float] = field(default_factory=list)  # losses of the batches done this epoch (mid-epoch)
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, for plots
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)  # a deep copy: a checkpoint must not change as training goes on
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str) -> TrainState:
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: the training state is a {type(values).__name__}, not a mapping")
+        missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
+        if missing or unknown:
+            raise UserError(
+                f"{source}: the training state is not from this version of the tool "
+                f"(missing {', '.join(missing) or 'nothing'}; unknown {', '.join(unknown) or 'nothing'})"
+            )
+        return cls(**values)
 
 
 @dataclass
@@ -45,7 +63,7 @@ class EpochMetrics:
     epoch_seconds: float
     wall_seconds: float
     tokens_per_second: float
-    step_losses: list[tuple[int, float]]  # (global step, loss) every log_every_steps
+    step_losses: StepPoints  # every log_every_steps, and the epoch's last step
 
     def as_metrics(self) -> dict[str, float]:
         values = {
@@ -66,13 +84,22 @@ class Observer(Protocol):
 
 
 class Interrupted(Exception):
-    """Raised between steps after a stop was requested (Ctrl-C, SIGTERM)."""
+    """Raised between steps after a stop was requested (Ctrl-C, SIGTERM).
+
+    step_points: the logged steps of the unfinished epoch, which no epoch end will report.
+    """
+
+    def __init__(self, step_points: StepPoints):
+        super().__init__("training was interrupted")
+        self.step_points = step_points
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, epoch: int, step: int, value: float):
+    """The loss of a step was NaN or infinite; step_points are the epoch's logged steps before it."""
+
+    def __init__(self, epoch: int, step: int, value: float, step_points: StepPoints):
         super().__init__(f"loss became {value} at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
+        self.epoch, self.step, self.step_points = epoch, step, step_points
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -153,18 +180,21 @@ class Trainer:
         s, t = self.state, self.cfg.train
         epoch = s.epoch + 1
         total_steps = self.steps_per_epoch * t.epochs
-        batches = [index.to(self.device) for index in self._batches(epoch)]
+        batches = [index.to(self.device) for index in self._batches(epoch)]  # one transfer, not one a step
+        done = s.batch_in_epoch  # non-zero when resuming an interrupted epoch
+        first_step = s.step - done + 1  # the global step of the epoch's first batch
+        # every step's loss stays on the device until the epoch ends: no host sync per step
+        losses = torch.zeros(len(batches), device=self.device)
+        losses[:done] = torch.tensor(s.epoch_losses, dtype=losses.dtype)
         started = time.perf_counter()
         tokens_before = s.tokens_seen
-        losses: list[tuple[int, torch.Tensor]] = []  # kept on the device: no host sync per step
-        epoch_sum = torch.tensor(s.epoch_loss_sum, device=self.device)
         self.model.train()
-        for index in batches[s.batch_in_epoch :]:
+        for i in range(done, len(batches)):
             if self.stop_requested:
-                s.epoch_loss_sum = float(epoch_sum)
+                s.epoch_losses = losses[:i].tolist()
                 s.wall_seconds += time.perf_counter() - started
-                raise Interrupted()
-            inputs, targets = self.train_windows.batch(index)
+                raise Interrupted(self._logged_points(s.epoch_losses, first_step, len(batches)))
+            inputs, targets = self.train_windows.batch(batches[i])
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.cfg, s.step, total_steps)
             with self._autocast():
@@ -174,22 +204,22 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            losses[i] = loss.detach()
             s.step += 1
             s.batch_in_epoch += 1
             s.tokens_seen += targets.numel()
-            epoch_sum += loss.detach().float()
-            if s.step % t.log_every_steps == 0 or s.batch_in_epoch == len(batches):
-                losses.append((s.step, loss.detach().float()))
-        train_loss = float(epoch_sum) / max(1, len(batches))
-        step_losses = [(step, float(value)) for step, value in losses]
-        if not math.isfinite(train_loss):
-            bad_step = next((step for step, value in step_losses if not math.isfinite(value)), s.step)
-            raise NonFiniteLoss(epoch, bad_step, train_loss)
+        values = losses.tolist()  # the epoch's one host sync
+        step_losses = self._logged_points(values, first_step, len(batches))
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        if bad is not None:
+            before = [(step, value) for step, value in step_losses if step < first_step + bad]
+            raise NonFiniteLoss(epoch, first_step + bad, values[bad], before)
+        train_loss = math.fsum(values) / max(1, len(values))
         val_loss = self.evaluate() if epoch % t.eval_every == 0 or epoch == t.epochs else None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        s.epoch, s.batch_in_epoch, s.epoch_loss_sum = epoch, 0, 0.0
+        s.epoch, s.batch_in_epoch, s.epoch_losses = epoch, 0, []
         s.wall_seconds += seconds
         if val_loss is not None and val_loss < s.best_val_loss:
             s.best_val_loss, s.best_epoch = val_loss, epoch
@@ -206,6 +236,15 @@ class Trainer:
         )
         s.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "step": s.step})
         return metrics
+
+    def _logged_points(self, values: list[float], first_step: int, n_batches: int) -> StepPoints:
+        """The (step, loss) pairs logged as train_loss_step: every log_every_steps, and the epoch's last step."""
+        every = self.cfg.train.log_every_steps
+        return [
+            (first_step + i, value)
+            for i, value in enumerate(values)
+            if (first_step + i) % every == 0 or i == n_batches - 1
+        ]
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -1,8 +1,18 @@
-"""Shared test set-up: offline tokenizer, a private cache, no MLflow telemetry."""
+"""Shared test set-up: offline tokenizer, a private cache, no MLflow telemetry; a real MLflow server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,3 +33,125 @@ if RANKS.is_file():
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Token caches and cleaned texts go to a temporary folder, never the user's ~/.cache."""
     os.environ["GPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("gpt-cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same port, same store)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        # the job runner (a dozen huey workers) is not needed and doubles the start-up time
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder}/server.db", "--artifacts-destination",
+             str(self.folder / "server-artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except OSError:
+                if self.process.poll() is not None:
+                    pytest.fail(f"mlflow server exited with code {self.process.returncode} while starting")
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"mlflow server did not start within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the server and every process it started (uvicorn runs in a child process)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # a worker that outlived the server
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a train.py subprocess: offline tokenizer, the private cache, one thread.
+
+    One thread is fastest for tiny models on a shared 2-core machine; tests that compare losses with
+    an in-process run set torch to one thread as well, so both compute the same way.
+    """
+    return {
+        **os.environ,
+        "GPT_TIKTOKEN_FILE": str(RANKS),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+class Training:
+    """train.py in a subprocess (its own process group), with its output lines collected as they come."""
+
+    def __init__(self, args: list[str], cwd: Path, **env: str):
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+            env=subprocess_env(**env),
+            start_new_session=True,  # a terminal's Ctrl-C during the tests does not reach it
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 180) -> str:
+        """The first (new) output line containing text."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None and self.lines.empty():
+                    break
+                continue
+            if text in line:
+                return line
+        self.process.kill()
+        pytest.fail(f"train.py printed no line with {text!r}; its output:\n{''.join(self.output)}")
+
+    def finish(self, timeout: float = 180) -> tuple[int, str]:
+        """Exit code and whole output, once the process has ended."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"train.py did not end within {timeout:.0f} s; its output:\n{''.join(self.output)}")
+        self._reader.join(timeout=10)
+        return code, "".join(self.output)

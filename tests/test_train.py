@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, VERDICT
+from conftest import ROOT, VERDICT, MlflowServer
 from mlflow.tracking import MlflowClient
 
 import train
@@ -158,43 +156,11 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) 
     assert time.monotonic() - started < 15
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not start within 90 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
-
-
-def test_training_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
-    code, output = run_train([*TINY, "--epochs", "2", "--tracking-uri", mlflow_server])
+def test_training_against_a_real_mlflow_server(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    code, output = run_train([*TINY, "--epochs", "2", "--tracking-uri", mlflow_server.url])
     assert code == 0, output
     run_id = last_run_id(output)
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2]

@@ -1,31 +1,61 @@
-"""Running a grid: one parent MLflow run, a nested child run per cell, resumable, in parallel.
+"""Running a grid: one parent MLflow run, a nested child run per cell, resumable, on many processes and machines.
 
-A cell's identity is its cell id (hash of resolved config + seed). Before training a cell, a worker
-*claims* it by creating the child run and then looking for other child runs of the same cell: the
-oldest claim wins (start time, then run id), a FINISHED one means the cell is done, and a loser
-deletes its own claim. So a grid run again skips finished cells, re-runs failed or interrupted ones,
-and two processes (shards on two machines) never both train one cell.
+Claims. Before training a cell a worker claims it with one atomic write to the tracking store: the
+parent run's param `claim.<cell id>.<n>` = a token naming the worker (host, pid, time, nonce). MLflow
+params are write-once (the store rejects a different value for a logged key inside its transaction),
+so of any number of workers that reach a cell at once, on any machines, exactly one holds attempt n.
+The run the winner trains carries the same token in its tag `ablation.claim`. From the parent's
+claims and the cell's child runs, a cell is
+  DONE     when one of its runs FINISHED,
+  RUNNING  while its latest claim's process is alive (one on another machine always counts as alive;
+           a claim whose run never appeared counts as dead after CLAIM_START_S),
+  FAILED   when that run FAILED or was KILLED, or its process died,
+  UNTRIED  when nobody claimed it yet.
+A worker takes UNTRIED cells and cells that failed before its own process started (a grid run again
+retries them), and leaves the others alone. So running a grid again skips finished cells, and shards
+on many machines, or the same shard started twice, never train one cell twice.
+
+The parent. Shards starting together may each create the grid's parent run. The oldest parent
+(start time, then run id) is the grid's and the others are deleted by their creators. A parent is
+trusted only once it is PARENT_SETTLE_S old, so that a parent whose creation was in flight when we
+looked has reached the store; this assumes a run's creation is stored within that time of its
+client-side start time, and that the machines' clocks agree to well within it (NTP).
+
+The end. When a process has run its share, it reads the whole grid back from the store. While any
+cell is RUNNING or UNTRIED (other shards at work or yet to start) the parent stays RUNNING; the
+process that sees the grid complete writes the report and ends the parent: FINISHED, or FAILED if a
+cell failed. Two shards that finish at the same moment may both do so, which is harmless.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import multiprocessing
 import os
+import re
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from mlflow.entities import RunStatus, ViewType
+from mlflow.entities import Run, RunStatus, ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt.ablation.grid import Cell, GridSpec, SkippedCell
 from gpt.errors import UserError
-from gpt.job import JobOptions, check_run_name, start_run_in, train
-from gpt.tracking import check_tracking_uri, ensure_experiment, with_retries
+from gpt.job import JobOptions, check_run_name, prepare, train
+from gpt.tracking import check_tracking_uri, ensure_experiment, open_client, with_retries
+
+PARENT_SETTLE_S = 5.0
+CLAIM_START_S = 600.0  # a claim has become a run within seconds, unless its process died first
+CLAIM_TRIES = 5
+CLAIM_TAG = "ablation.claim"
+_CLAIM_KEY = re.compile(r"claim\.([0-9a-f]+)\.(\d+)")
 
 
 @dataclass
@@ -35,16 +65,18 @@ class RunnerOptions:
     cache_dir: Path
     tokenizer_file: str | None = None
     workers: int = 1
-    gpus: list[int] = field(default_factory=list)
+    gpus: list[int] = field(default_factory=list)  # indices into the visible GPUs ($CUDA_VISIBLE_DEVICES)
     per_gpu: int = 1
     shard: tuple[int, int] = (0, 1)  # (i, n): this process runs cells whose index % n == i
     echo: Callable[[str], None] = print
+    settle_s: float = PARENT_SETTLE_S
+    started: float = field(default_factory=time.time)  # cells that failed after this were tried in this round
 
 
 @dataclass
 class CellOutcome:
     cell: Cell
-    status: str  # FINISHED | FAILED | KILLED | SKIPPED (done before or claimed by another worker)
+    status: str  # FINISHED | FAILED | KILLED | SKIPPED (done before, or claimed by another worker)
     run_id: str = ""
     best_val_loss: float = float("nan")
     message: str = ""
@@ -52,13 +84,35 @@ class CellOutcome:
 
 
 @dataclass
+class CellState:
+    """What the tracking store says about a cell (see the module docstring)."""
+
+    status: str  # DONE | RUNNING | FAILED | UNTRIED
+    next_attempt: int = 0
+    run_id: str = ""
+    detail: str = ""
+    since: float = 0.0  # when the latest attempt started (epoch seconds)
+
+
+@dataclass
 class GridOutcome:
     parent_run_id: str
-    outcomes: list[CellOutcome]
+    outcomes: list[CellOutcome]  # this process's cells
+    states: dict[str, CellState]  # every cell of the grid, by cell id, read back at the end
+    cells: list[Cell]
 
     @property
     def failed(self) -> list[CellOutcome]:
         return [o for o in self.outcomes if o.status in ("FAILED", "KILLED")]
+
+    @property
+    def waiting(self) -> list[Cell]:
+        """Cells still running elsewhere or not yet started: the grid is not complete."""
+        return [c for c in self.cells if self.states[c.cell_id].status in ("RUNNING", "UNTRIED")]
+
+    @property
+    def complete(self) -> bool:
+        return not self.waiting
 
 
 def shard_cells(cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
@@ -77,35 +131,65 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def find_parent(client: MlflowClient, experiment_id: str, grid_name: str) -> str | None:
-    """The newest parent run of this grid in the experiment, to resume into."""
+def gpu_slots(gpus: list[int], per_gpu: int, visible: str | None = None) -> list[str]:
+    """One CUDA_VISIBLE_DEVICES value per worker: each GPU `per_gpu` times.
+
+    GPU ids count within the GPUs this process may see: under Slurm or an outer
+    CUDA_VISIBLE_DEVICES=3,5, `--gpus 0,1` means devices 3 and 5, never another job's device 0.
+    """
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    slots = []
+    for gpu in gpus:
+        if devices is not None and not 0 <= gpu < len(devices):
+            raise UserError(
+                f"--gpus {gpu}: only {len(devices)} GPU(s) are visible (CUDA_VISIBLE_DEVICES={visible}); "
+                f"ids count from 0 within them"
+            )
+        slots += [devices[gpu] if devices is not None else str(gpu)] * per_gpu
+    return slots
+
+
+# ---------------------------------------------------------------- the parent run
+
+
+def find_parents(client: MlflowClient, experiment_id: str, grid_name: str) -> list[Run]:
+    """The grid's active parent runs in the experiment, oldest first (start time, then run id)."""
     runs = with_retries(
         lambda: client.search_runs(
             [experiment_id],
-            f"tags.`ablation.grid` = '{grid_name}' and tags.`ablation.role` = 'parent'",
+            f"tags.`ablation.grid` = '{grid_name}' and tags.`ablation.role` = 'parent'",  # check_run_name: no quotes
             run_view_type=ViewType.ACTIVE_ONLY,
-            order_by=["attributes.start_time ASC"],
-            max_results=1,
+            max_results=1000,
         )
     )
-    return runs[0].info.run_id if runs else None
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def open_parent(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], options: RunnerOptions) -> str:
-    """Find or create the grid's parent run (resuming reuses it) and record the grid on it."""
+    """Find or create the grid's parent run (resuming reuses it); with shards starting together, agree on one."""
     check_tracking_uri(options.tracking_uri)
-    client = MlflowClient(options.tracking_uri)
     check_run_name(spec.name)
-    experiment_id = ensure_experiment(client, options.experiment)
-    parent_id = find_parent(client, experiment_id, spec.name)
-    if parent_id is None:
-        tags = {**spec.parent_tags(), "ablation.role": "parent", "mlflow.source.name": "ablate.py"}
-        parent_id = start_run_in(client, experiment_id, spec.name, tags)
+    client = open_client(options.tracking_uri)
+    experiment_id = _ensure_experiment(client, options.experiment)
+    tags = {**spec.parent_tags(), "ablation.role": "parent", "mlflow.source.name": "ablate.py"}
+    created = None
+    while True:
+        parents = find_parents(client, experiment_id, spec.name)
+        if not parents:
+            created = with_retries(lambda: client.create_run(experiment_id, run_name=spec.name, tags=tags)).info.run_id
+            continue
+        wait = parents[0].info.start_time / 1000 + options.settle_s - time.time()
+        if wait <= 0:
+            break
+        time.sleep(wait)  # an older parent created at the same moment elsewhere may not be visible yet
+    parent_id = parents[0].info.run_id
+    if created is not None and created != parent_id:
+        with_retries(lambda: client.delete_run(created))
+    if created == parent_id:
         grid_text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
         with_retries(lambda: client.log_text(parent_id, grid_text, "grid.yaml"))
         params = {"design": spec.design, "factors": ",".join(spec.factor_keys), "seeds": ",".join(map(str, spec.seeds))}
-        params["cells"] = str(len(cells))
-        params["skipped_cells"] = str(len(skipped))
+        params.update(cells=str(len(cells)), skipped_cells=str(len(skipped)))
         for key, value in params.items():
             with_retries(lambda key=key, value=value: client.log_param(parent_id, key, value))
     else:
@@ -116,24 +200,46 @@ def open_parent(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], o
     return parent_id
 
 
-def cell_runs(client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell) -> list:
-    return with_retries(
-        lambda: client.search_runs(
-            [experiment_id],
-            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`ablation.cell_id` = '{cell.cell_id}'",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            order_by=["attributes.start_time ASC"],
-        )
-    )
+def _ensure_experiment(client: MlflowClient, name: str) -> str:
+    """gpt.tracking.ensure_experiment, again if a shard starting at the same moment tagged the experiment first.
 
-
-def claim_is_live(run) -> bool:
-    """A RUNNING claim counts unless its process is known dead (same host, pid gone)."""
-    tags = run.data.tags
-    if tags.get("ablation.host") != socket.gethostname():
-        return True  # can't see another machine's processes: assume it is still training
+    MLflow's store upserts an experiment tag with a read, then an insert; of two processes tagging a new
+    experiment at once, one fails on the table's unique key. The second try finds the tag and updates it.
+    """
     try:
-        os.kill(int(tags.get("ablation.pid", "0")), 0)
+        return ensure_experiment(client, name)
+    except MlflowException as exc:
+        if not re.search(r"unique constraint|integrityerror|duplicate key", str(exc), re.IGNORECASE):
+            raise
+        return ensure_experiment(client, name)
+
+
+def close_parent(tracking_uri: str, outcome: GridOutcome) -> str:
+    """End a complete grid's parent: FINISHED, or FAILED (with failed_cells.txt) if a cell failed."""
+    client = MlflowClient(tracking_uri)
+    failed = [(c, outcome.states[c.cell_id]) for c in outcome.cells if outcome.states[c.cell_id].status == "FAILED"]
+    if failed:
+        lines = [f"{cell.name} ({cell.cell_id}): {state.detail}" for cell, state in failed]
+        text = "\n".join(lines) + "\n"
+        with_retries(lambda: client.log_text(outcome.parent_run_id, text, "failed_cells.txt"))
+    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+    with_retries(lambda: client.set_terminated(outcome.parent_run_id, status))
+    return status
+
+
+# ---------------------------------------------------------------- cell states and claims
+
+
+def new_token() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {time.time():.3f} {uuid.uuid4().hex[:8]}"
+
+
+def _process_alive(host: str, pid: str) -> bool:
+    """Whether a process may still be working: only this machine's processes can be checked."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError):
         return False
     except PermissionError:
@@ -141,29 +247,135 @@ def claim_is_live(run) -> bool:
     return True
 
 
-def claim(client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell, mine: str) -> str | None:
-    """None if run `mine` may train the cell, else why not: the cell finished already, or an older
-    live claim exists. Every claimant sees the same order (start time, run id), so one wins."""
-    me = with_retries(lambda: client.get_run(mine)).info
-    for run in cell_runs(client, experiment_id, parent_id, cell):
-        if run.info.run_id == mine:
-            continue
-        if run.info.status == "FINISHED":
-            return f"already finished in run {run.info.run_id}"
-        older = (run.info.start_time, run.info.run_id) < (me.start_time, me.run_id)
-        if run.info.status == "RUNNING" and older and claim_is_live(run):
-            return f"claimed by run {run.info.run_id}"
+def judge(claims: dict[int, str], runs: list[Run], now: float | None = None) -> CellState:
+    """A cell's state from its claims (attempt -> token) and its active child runs."""
+    now = time.time() if now is None else now
+    next_attempt = max(claims, default=-1) + 1
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        return CellState("DONE", next_attempt, finished[0].info.run_id, f"finished in run {finished[0].info.run_id}")
+    if claims:
+        token = claims[max(claims)]
+        held = [r for r in runs if r.data.tags.get(CLAIM_TAG) == token]
+        if not held:
+            host, pid, stamp = (token.split(" ") + ["", "", "0"])[:3]
+            since = float(stamp) if re.fullmatch(r"[\d.]+", stamp) else 0.0
+            if _process_alive(host, pid) and now - since < CLAIM_START_S:
+                return CellState("RUNNING", next_attempt, "", f"claimed by {host} pid {pid}, starting", since)
+            return CellState("FAILED", next_attempt, "", f"its process ({host} pid {pid}) ended before training", since)
+        run = held[0]
+    elif runs:
+        run = max(runs, key=lambda r: r.info.start_time)  # a run from before claims were recorded
+    else:
+        return CellState("UNTRIED")
+    tags, run_id, since = run.data.tags, run.info.run_id, run.info.start_time / 1000
+    if run.info.status in ("RUNNING", "SCHEDULED"):
+        host, pid = tags.get("ablation.host", ""), tags.get("ablation.pid", "")
+        if _process_alive(host, pid):
+            return CellState("RUNNING", next_attempt, run_id, f"claimed by run {run_id} on {host}", since)
+        return CellState("FAILED", next_attempt, run_id, f"run {run_id}: its process ({host} pid {pid}) died", since)
+    error = tags.get("ablation.error", "")
+    detail = f"run {run_id} {run.info.status}{': ' if error else ''}{error}"
+    return CellState("FAILED", next_attempt, run_id, detail, since)
+
+
+def _claims(parent: Run) -> dict[str, dict[int, str]]:
+    claims: dict[str, dict[int, str]] = collections.defaultdict(dict)
+    for key, value in parent.data.params.items():
+        match = _CLAIM_KEY.fullmatch(key)
+        if match:
+            claims[match[1]][int(match[2])] = value
+    return claims
+
+
+def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
+    runs, token = [], None
+    while True:
+        page = with_retries(
+            lambda token=token: client.search_runs(
+                [experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY, page_token=token
+            )
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def cell_state(client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell) -> CellState:
+    parent = with_retries(lambda: client.get_run(parent_id))
+    query = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`ablation.cell_id` = '{cell.cell_id}'"
+    return judge(_claims(parent).get(cell.cell_id, {}), _search_all(client, experiment_id, query))
+
+
+def grid_states(client: MlflowClient, experiment_id: str, parent_id: str, cells: list[Cell]) -> dict[str, CellState]:
+    """Every cell's state, from one read of the parent and its children."""
+    claims = _claims(with_retries(lambda: client.get_run(parent_id)))
+    runs: dict[str, list[Run]] = collections.defaultdict(list)
+    for run in _search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+        runs[run.data.tags.get("ablation.cell_id", "")].append(run)
+    return {c.cell_id: judge(claims.get(c.cell_id, {}), runs[c.cell_id]) for c in cells}
+
+
+def leave_alone(state: CellState, started: float) -> str | None:
+    """Why a worker that started at `started` must not take the cell, or None if it may."""
+    if state.status in ("DONE", "RUNNING"):
+        return state.detail
+    if state.status == "FAILED" and state.since >= started:
+        return f"failed in this round: {state.detail}"  # another process of this round tried it
     return None
 
 
-def run_cell(cell: Cell, parent_id: str, options: RunnerOptions) -> CellOutcome:
-    """Claim and train one cell (in this process)."""
+def take_claim(
+    client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell, token: str, started: float
+) -> str | None:
+    """Claim the cell's next attempt for `token`: None if it is ours, else why not."""
+    for _ in range(CLAIM_TRIES):
+        state = cell_state(client, experiment_id, parent_id, cell)
+        reason = leave_alone(state, started)
+        if reason:
+            return reason
+        key = f"claim.{cell.cell_id}.{state.next_attempt}"
+        try:
+            with_retries(lambda key=key: client.log_param(parent_id, key, token))
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":  # that one: another worker took this attempt
+                raise
+        if with_retries(lambda: client.get_run(parent_id)).data.params.get(key) == token:
+            return None
+    return f"lost {CLAIM_TRIES} claims in a row"
+
+
+def record_failure(
+    client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell, tags: dict[str, str], message: str
+) -> None:
+    """A claimed cell that failed before its run existed gets a FAILED run saying why (seen in the UI, on resume)."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{CLAIM_TAG}` = '{tags[CLAIM_TAG]}'"
+    if _search_all(client, experiment_id, query):
+        return  # training had opened its run, and ended it FAILED
+    tags = {
+        **tags,
+        "mlflow.parentRunId": parent_id,
+        "mlflow.source.name": "ablate.py",
+        "ablation.error": message[:5000],
+    }
+    run = with_retries(lambda: client.create_run(experiment_id, run_name=cell.name, tags=tags))
+    with_retries(lambda: client.set_terminated(run.info.run_id, "FAILED"))
+
+
+# ---------------------------------------------------------------- running cells
+
+
+def run_cell(cell: Cell, parent_id: str, experiment_id: str, options: RunnerOptions) -> CellOutcome:
+    """Claim and train one cell (in this process); any failure is the cell's, never the grid's."""
     started = time.monotonic()
     client = MlflowClient(options.tracking_uri)
-    experiment_id = ensure_experiment(client, options.experiment)
-    done = [r for r in cell_runs(client, experiment_id, parent_id, cell) if r.info.status == "FINISHED"]
-    if done:
-        return CellOutcome(cell, "SKIPPED", done[0].info.run_id, message="finished earlier")
+    reason = leave_alone(cell_state(client, experiment_id, parent_id, cell), options.started)
+    if reason:
+        return CellOutcome(cell, "SKIPPED", message=reason)
+    token = new_token()
+    tags = {**cell.tags(), CLAIM_TAG: token, "ablation.host": socket.gethostname(), "ablation.pid": str(os.getpid())}
+    tags["mlflow.source.name"] = "ablate.py"
     job = JobOptions(
         experiment=options.experiment,
         run_name=cell.name,
@@ -171,42 +383,63 @@ def run_cell(cell: Cell, parent_id: str, options: RunnerOptions) -> CellOutcome:
         cache_dir=options.cache_dir,
         tokenizer_file=options.tokenizer_file,
         parent_run_id=parent_id,
-        tags={**cell.tags(), "ablation.host": socket.gethostname(), "ablation.pid": str(os.getpid())},
+        tags=tags,
         progress=False,
         echo=lambda line: None,
     )
-
-    def check_claim(run_id: str) -> str | None:
-        return claim(client, experiment_id, parent_id, cell, run_id)
-
+    prepared, error, claimed = None, "", False
+    try:  # reading and tokenizing the data comes before the claim, so that a claim turns into a run at once
+        prepared = prepare(cell.config, job)
+    except Exception as exc:
+        error = _message(exc)
     try:
-        result = train(cell.config, job, claim=check_claim)
-    except UserError as exc:
-        return CellOutcome(cell, "FAILED", message=str(exc), seconds=time.monotonic() - started)
+        reason = take_claim(client, experiment_id, parent_id, cell, token, options.started)
+        if reason:
+            return CellOutcome(cell, "SKIPPED", message=reason)
+        claimed = True
+        if prepared is not None:
+            result = train(cell.config, job, prepared=prepared)
+            seconds = time.monotonic() - started
+            return CellOutcome(cell, result.status, result.run_id, result.best_val_loss, result.message, seconds)
     except Exception as exc:  # one broken cell must not stop the grid
-        message = f"{type(exc).__name__}: {exc}"
-        return CellOutcome(cell, "FAILED", message=message, seconds=time.monotonic() - started)
-    if result.status == "CLAIMED":
-        return CellOutcome(cell, "SKIPPED", result.run_id, message=result.message)
-    return CellOutcome(
-        cell, result.status, result.run_id, result.best_val_loss, result.message, time.monotonic() - started
-    )
+        error = _message(exc)
+    if claimed:
+        try:
+            record_failure(client, experiment_id, parent_id, cell, tags, error)
+        except Exception as exc:
+            error += f" (and recording the failure failed: {_message(exc)})"
+    return CellOutcome(cell, "FAILED", message=error, seconds=time.monotonic() - started)
 
 
-def _worker_init(gpu_queue: multiprocessing.Queue | None, threads: int) -> None:
+def _message(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+
+
+def init_worker(gpu_queue: multiprocessing.Queue | None, threads: int) -> None:
+    """Set up a spawned worker: its share of the CPU threads, and one GPU slot for its lifetime (if any).
+
+    CUDA reads CUDA_VISIBLE_DEVICES when it first initializes, which no worker has done yet here.
+    """
     import torch
 
     torch.set_num_threads(threads)
-    if gpu_queue is not None:  # each worker process owns one GPU slot for its lifetime
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
+    if gpu_queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get()
 
 
 def run_grid(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], options: RunnerOptions) -> GridOutcome:
-    """Run this shard's cells, `workers` at a time; failures are recorded and the grid goes on."""
+    """Run this shard's cells, `workers` at a time; failures are recorded and the grid goes on.
+
+    Ending the parent is left to the caller (close_parent, once the report is written), and only
+    when the returned outcome is complete.
+    """
+    slots = gpu_slots(options.gpus, options.per_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     parent_id = open_parent(spec, cells, skipped, options)
+    client = MlflowClient(options.tracking_uri)
+    experiment_id = with_retries(lambda: client.get_run(parent_id)).info.experiment_id
     mine = shard_cells(cells, options.shard)
     total, outcomes = len(mine), []
-    options.echo(f"parent run: {parent_id}  ({total} cells here, {len(skipped)} skipped as invalid)")
+    options.echo(f"parent run: {parent_id}  ({total} of {len(cells)} cells here, {len(skipped)} skipped as invalid)")
 
     def report(outcome: CellOutcome) -> None:
         outcomes.append(outcome)
@@ -214,11 +447,10 @@ def run_grid(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], opti
         position = f"[{len(outcomes)}/{total}]"
         options.echo(f"{position} {outcome.cell.name}: {outcome.status}  {loss}  ({outcome.seconds:.0f} s)")
 
-    slots = [gpu for gpu in options.gpus for _ in range(options.per_gpu)]
     workers = len(slots) if slots else options.workers
     if workers <= 1 and not slots:
         for cell in mine:
-            report(run_cell(cell, parent_id, options))
+            report(run_cell(cell, parent_id, experiment_id, options))
     else:
         context = multiprocessing.get_context("spawn")  # fork + torch threads can deadlock
         gpu_queue = None
@@ -228,28 +460,19 @@ def run_grid(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], opti
                 gpu_queue.put(slot)
         threads = max(1, (os.cpu_count() or 1) // workers)
         with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_worker_init, initargs=(gpu_queue, threads)
+            workers, mp_context=context, initializer=init_worker, initargs=(gpu_queue, threads)
         ) as pool:
-            futures = {pool.submit(run_cell, cell, parent_id, _picklable(options)): cell for cell in mine}
+            worker_options = _picklable(options)
+            futures = {pool.submit(run_cell, cell, parent_id, experiment_id, worker_options): cell for cell in mine}
             for future in concurrent.futures.as_completed(futures):
                 try:
                     report(future.result())
                 except Exception as exc:  # the worker process itself died (OOM killer, segfault)
                     report(CellOutcome(futures[future], "FAILED", message=f"worker died: {exc}"))
-    finish_parent(options, parent_id, outcomes)
-    return GridOutcome(parent_id, outcomes)
+    states = grid_states(client, experiment_id, parent_id, cells)
+    return GridOutcome(parent_id, outcomes, states, cells)
 
 
 def _picklable(options: RunnerOptions) -> RunnerOptions:
     """Worker processes get the options without the parent's printing function."""
     return RunnerOptions(**{**options.__dict__, "echo": print})
-
-
-def finish_parent(options: RunnerOptions, parent_id: str, outcomes: list[CellOutcome]) -> None:
-    client = MlflowClient(options.tracking_uri)
-    failed = [o for o in outcomes if o.status in ("FAILED", "KILLED")]
-    if failed:
-        lines = [f"{o.cell.name} ({o.cell.cell_id}): {o.status} {o.message}" for o in failed]
-        with_retries(lambda: client.log_text(parent_id, "\n".join(lines) + "\n", "failed_cells.txt"))
-    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-    with_retries(lambda: client.set_terminated(parent_id, status))

@@ -1,0 +1,260 @@
+"""Grids beyond one process: shards, duplicate workers and Slurm tasks sharing one real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, VERDICT, MlflowServer, subprocess_env
+from mlflow.entities import Run, RunData, RunInfo, RunTag, ViewType
+from mlflow.tracking import MlflowClient
+
+import ablate
+from gpt.ablation import runner
+from gpt.ablation.grid import Cell, load_grid
+from gpt.config import Config
+from gpt.errors import UserError
+
+TINY = [
+    "--base", str(ROOT / "configs" / "tiny.yaml"),
+    "--seeds", "0",
+    "--set", "train.epochs=1",
+    "--set", "model.context_length=16",
+    "--set", "model.emb_dim=16",
+    "--set", "train.batch_size=16",
+    "--set", "train.sample_every=0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One server for the whole file: each test uses its own experiment."""
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few hundred tokens: a cell trains in a step or two, so the tests time the coordination, not training."""
+    path = tmp_path_factory.mktemp("data") / "verdict_head.txt"
+    path.write_text(VERDICT.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    return path
+
+
+def start_ablate(args: list[str], url: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "ablate.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        env=subprocess_env(MLFLOW_TRACKING_URI=url),
+        start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"{process.args} did not end within {timeout} s:\n{output}")
+    return process.returncode, output
+
+
+def grid_runs(url: str, experiment: str) -> tuple[list[Run], list[Run]]:
+    """(active parents, active children) of the experiment."""
+    client = MlflowClient(url)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id], "", run_view_type=ViewType.ACTIVE_ONLY)
+    parents = [r for r in runs if r.data.tags.get("ablation.role") == "parent"]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def artifact_names(url: str, run_id: str) -> set[str]:
+    return {a.path for a in MlflowClient(url).list_artifacts(run_id)}
+
+
+def test_two_shards_and_a_duplicate_train_every_cell_exactly_once(
+    server: MlflowServer, text: Path, tmp_path: Path
+) -> None:
+    grid = [*TINY, "--data", str(text), "--vary", "model.n_layers=1,2", "--vary", "data.stride=0.5x,1x"]
+    grid += ["--name", "sharded", "--experiment", "sharded"]
+    shards = ["0/2", "1/2", "0/2"]  # shard 0 twice: its two processes race for the same cells
+    processes = [start_ablate(["run", *grid, "--shard", shard], server.url, tmp_path) for shard in shards]
+    results = [finish(p) for p in processes]
+    for shard, (code, output) in zip(shards, results, strict=True):
+        assert code == 0, f"shard {shard}:\n{output}"
+    parents, children = grid_runs(server.url, "sharded")
+    assert len(parents) == 1, f"shards started together must agree on one parent run, got {len(parents)}"
+    cells = [r.data.tags["ablation.cell_id"] for r in children]
+    assert len(cells) == 4 and len(set(cells)) == 4, f"one run per cell expected, got cells {cells}"
+    assert all(r.info.status == "FINISHED" for r in children)
+    trained = sum(output.count(": FINISHED") for _, output in results)
+    assert trained == 4, "each cell is trained by exactly one process"
+    duplicate = results[0][1] + results[2][1]
+    assert duplicate.count(": SKIPPED") == 2, (
+        f"the duplicate shard 0 processes each leave the other's cells:\n{duplicate}"
+    )
+    claims = sorted(k for k in parents[0].data.params if k.startswith("claim."))
+    assert claims == sorted(f"claim.{cell}.0" for cell in cells), "one claim per cell, taken once"
+    assert parents[0].info.status == "FINISHED"
+    assert {"report.md", "summary.csv"} <= artifact_names(server.url, parents[0].info.run_id)
+    result = CliRunner().invoke(ablate.main, ["compare", parents[0].info.run_id, "--tracking-uri", server.url,
+                                              "--out-dir", str(tmp_path / "report")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "main effects" in result.output and (tmp_path / "report" / "report.md").is_file()
+
+
+def test_slurm_tasks_finishing_apart_leave_the_report_to_the_last(
+    server: MlflowServer, text: Path, tmp_path: Path
+) -> None:
+    script = tmp_path / "grid.sbatch"
+    args = ["slurm", *TINY, "--data", str(text), "--vary", "model.n_layers=1,2", "--name", "apart"]
+    args += ["--tracking-uri", server.url, "--log-dir", str(tmp_path / "logs"), "-o", str(script)]
+    result = CliRunner().invoke(ablate.main, args)
+    assert result.exit_code == 0, result.output
+
+    def task(index: int) -> str:
+        process = subprocess.Popen(
+            ["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+            env=subprocess_env(SLURM_ARRAY_TASK_ID=str(index), MLFLOW_TRACKING_URI="http://wrong.invalid"),
+        )  # fmt: skip
+        code, output = finish(process)
+        assert code == 0, f"task {index}:\n{output}"
+        return output
+
+    first = task(0)
+    assert "1 of 2 cells are still running or not started" in first, first
+    (parent,), children = grid_runs(server.url, "apart")
+    assert parent.info.status == "RUNNING", "a task that ends early must not end the grid's parent run"
+    assert len(children) == 1 and "report.md" not in artifact_names(server.url, parent.info.run_id)
+
+    last = task(1)
+    assert "main effects" in last and "parent run FINISHED" in last, last
+    (parent,), children = grid_runs(server.url, "apart")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert {r.data.tags["factor.model.n_layers"] for r in children} == {"1", "2"}, "task k trains cell k"
+    assert "report.md" in artifact_names(server.url, parent.info.run_id)
+
+
+def test_racing_shards_share_one_parent_and_one_claim_per_cell(server: MlflowServer, tmp_path: Path) -> None:
+    spec = load_grid(None, name="race", vary=["model.n_layers=1,2"])
+    options = runner.RunnerOptions(experiment="race", tracking_uri=server.url, cache_dir=tmp_path)
+    cell = Cell(Config(), {"model.n_layers": "1"}, 0, "0123456789ab", "L1-seed0")
+    barrier, parents, claims = threading.Barrier(6), [], []
+
+    def shard(number: int) -> None:
+        barrier.wait()
+        parent_id = runner.open_parent(spec, [cell], [], options)
+        parents.append(parent_id)
+        client = MlflowClient(server.url)
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        barrier.wait()  # every shard has settled on its parent: now all claim the one cell at once
+        token = f"{socket.gethostname()} {os.getpid()} {time.time():.3f} worker{number}"
+        reason = runner.take_claim(client, experiment_id, parent_id, cell, token, options.started)
+        claims.append((token, reason))
+
+    threads = [threading.Thread(target=shard, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(set(parents)) == 1 and len(parents) == 6, f"shards chose parents {parents}"
+    winners = [token for token, reason in claims if reason is None]
+    assert len(winners) == 1, f"exactly one shard may win the cell: {claims}"
+    params = MlflowClient(server.url).get_run(parents[0]).data.params
+    assert params.get("claim.0123456789ab.0") == winners[0] and "claim.0123456789ab.1" not in params
+    assert all("starting" in reason for _, reason in claims if reason), "the losers see the winner's live claim"
+
+
+def test_slurm_script_passes_the_grid_and_asks_for_one_gpu_per_task(tmp_path: Path) -> None:
+    script = tmp_path / "arch.sbatch"
+    grid = [*TINY, "--data", str(VERDICT), "--vary", "model.n_layers=1,2", "--vary", "data.stride=0.5x,1x"]
+    args = ["slurm", *grid, "--name", "arch", "--tracking-uri", "http://mlflow.team:5000", "--partition", "gpu"]
+    args += ["--time", "2:00:00", "--sbatch", "--constraint=a100", "--log-dir", str(tmp_path / "logs")]
+    result = CliRunner().invoke(ablate.main, [*args, "-o", str(script)])
+    assert result.exit_code == 0, result.output
+    text = script.read_text()
+    for line in ["#SBATCH --array=0-3", "#SBATCH --gres=gpu:1", "#SBATCH --time=2:00:00", "#SBATCH --partition=gpu",
+                 "#SBATCH --constraint=a100", f"#SBATCH --output={tmp_path}/logs/%x-%A_%a.out",
+                 "export MLFLOW_TRACKING_URI=http://mlflow.team:5000"]:  # fmt: skip
+        assert line in text.splitlines(), f"{line!r} missing from:\n{text}"
+    command = text.splitlines()[-1]
+    assert command.endswith('--shard "${SLURM_ARRAY_TASK_ID}/4"'), command
+    for option in ["--vary model.n_layers=1,2", "--vary data.stride=0.5x,1x", "--seeds 0", "--set train.epochs=1",
+                   "--experiment arch", f"--data {VERDICT}", "--name arch"]:  # fmt: skip
+        assert option in command, f"{option!r} missing from {command}"
+    assert (tmp_path / "logs").is_dir(), "Slurm does not create the log folder: the script's writer must"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--tasks", "9"], "--tasks 9"), (["--time", "two hours"], "--time"), (["--partition", " "], "--partition")],
+)
+def test_bad_slurm_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    grid = [*TINY, "--data", str(VERDICT), "--vary", "model.n_layers=1,2"]
+    result = CliRunner().invoke(ablate.main, ["slurm", *grid, *args, "-o", str(tmp_path / "x.sbatch")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+
+
+def test_packing_cells_needs_the_gpus_named(tmp_path: Path) -> None:
+    grid = [*TINY, "--data", str(VERDICT), "--vary", "model.n_layers=1,2"]
+    result = CliRunner().invoke(
+        ablate.main, ["run", *grid, "--per-gpu", "4", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "--gpus" in lines[0], result.output
+    assert not (tmp_path / "m.db").exists(), "a bad option creates no store"
+
+
+def fake_run(status: str, token: str = "", host: str = "", pid: int = 0, start: int = 1000) -> Run:
+    tags = {runner.CLAIM_TAG: token, "ablation.host": host, "ablation.pid": str(pid)}
+    info = RunInfo(f"run{start}", "1", "", status, start, None, "active")
+    return Run(info, RunData(tags=[RunTag(k, v) for k, v in tags.items()]))
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_cell_state_follows_its_latest_claim() -> None:
+    here, me = socket.gethostname(), os.getpid()
+    mine, dead = f"{here} {me} 100.0 a", f"{here} {dead_pid()} 100.0 b"
+    cases = [
+        ({}, [], "UNTRIED"),
+        ({0: mine}, [], "RUNNING"),  # claimed, its run not created yet
+        ({0: dead}, [], "FAILED"),  # ... and its process is gone
+        ({0: "elsewhere 1 100.0 c"}, [], "RUNNING"),  # another machine's process is assumed alive
+        ({0: "elsewhere 1 100.0 c"}, [], "FAILED", 100.0 + runner.CLAIM_START_S + 1),  # ... unless its run never came
+        ({0: mine}, [fake_run("RUNNING", mine, here, me)], "RUNNING"),
+        ({0: dead}, [fake_run("RUNNING", dead, here, dead_pid())], "FAILED"),
+        ({0: mine}, [fake_run("KILLED", mine, here, me)], "FAILED"),
+        ({0: mine, 1: dead}, [fake_run("FINISHED", mine, here, me)], "DONE"),
+    ]
+    for claims, runs, status, *later in cases:
+        state = runner.judge(claims, runs, now=later[0] if later else 200.0)
+        assert state.status == status, f"claims {claims}, runs {[r.info.status for r in runs]}: {state}"
+        assert state.next_attempt == len(claims)
+
+
+def test_gpu_ids_count_within_the_visible_gpus() -> None:
+    assert runner.gpu_slots([0, 1], 2) == ["0", "0", "1", "1"]
+    assert runner.gpu_slots([0, 1], 1, "3,5") == ["3", "5"], "under Slurm, --gpus 0 is the job's first GPU"
+    with pytest.raises(UserError, match="only 2 GPU"):
+        runner.gpu_slots([2], 1, "3,5")
