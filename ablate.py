@@ -229,7 +229,7 @@ def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
 
 
 def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str | None) -> None:
-    from gpt.ablation.analysis import compare as analyse  # pandas/scipy load only when needed
+    from gpt.ablation.report import compare as analyse  # pandas/scipy load only when needed
 
     folder = Path(out_dir) if out_dir else (sqlite_folder(uri) or default_cache_dir()) / "reports" / parent_run_id
     table, files = analyse(parent_run_id, folder, uri, target_loss)

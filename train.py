@@ -86,7 +86,7 @@ def main(
     shortcuts = [f"train.epochs={epochs}"] * (epochs is not None) + [f"train.seed={seed}"] * (seed is not None)
     shortcuts += [f"train.device={device}"] * (device is not None)
     options = JobOptions(
-        experiment=experiment or "gpt",
+        experiment="gpt" if experiment is None else experiment,
         run_name=run_name,
         tracking_uri=tracking_uri,
         cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),

@@ -72,7 +72,7 @@ def train_cell(config: str, overrides: list[str], steps: int, seed: int, barrier
     sync(device)
     end = time.monotonic()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "tokens": steps * batch * length,
         "start": start,
@@ -80,6 +80,7 @@ def train_cell(config: str, overrides: list[str], steps: int, seed: int, barrier
         "warmup": warmup,
         "peak": peak,
         "device": name,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -140,7 +141,7 @@ def main() -> None:
         f"cells: {args.per_gpu} x {Path(args.config).name} ({count_parameters(cfg.model) / 1e6:.1f}M parameters, "
         f"context {cfg.window_length}, batch {args.batch_size}), {args.steps} timed steps each, {args.rounds} round(s)"
     )
-    header = ["mode".ljust(10), "workers", "tokens/s".rjust(12), "per cell".rjust(12), "wall s".rjust(8)]
+    header = ["mode".ljust(10), "workers", "threads", "tokens/s".rjust(12), "per cell".rjust(12), "wall s".rjust(8)]
     print(" ".join([*header, "warm-up s".rjust(10), "peak GiB".rjust(9)]))
     rates = {}
     for mode, workers in modes.items():
@@ -150,7 +151,9 @@ def main() -> None:
         wall, warmup = statistics.median(r["wall"] for r in runs), statistics.median(r["warmup"] for r in runs)
         peak = max(r["peak"] for r in runs)
         memory = f"{peak:9.2f}" if math.isfinite(peak) else f"{'-':>9s}"  # no GPU memory on a CPU
-        print(f"{mode:10s} {workers:7d} {rates[mode]:12,.0f} {per_cell:12,.0f} {wall:8.1f} {warmup:10.1f} {memory}")
+        threads = runs[0]["threads"]
+        line = f"{mode:10s} {workers:7d} {threads:7d} {rates[mode]:12,.0f} {per_cell:12,.0f} {wall:8.1f} {warmup:10.1f}"
+        print(f"{line} {memory}")
     print(f"packed / sequential aggregate tokens/s: {rates['packed'] / rates['sequential']:.2f}x")
 
 

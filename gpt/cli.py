@@ -7,6 +7,7 @@ unknown option) one line; `@friendly_errors` does the same for everything the co
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         quiet_client_retries()
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating tables
         try:
             return command(*args, **kwargs)
         except UserError as exc:

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ import torch
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from tqdm import tqdm
 
 from gpt import checkpoint
 from gpt.config import Config, apply_overrides, dump_yaml, validate
@@ -256,6 +258,37 @@ class Checkpoints:
             self.best_payload = None
             self.written.add("best.pt")
         self.last_write = time.monotonic()
+
+
+class ProgressBar:
+    """epoch, step, loss and tokens/s on a terminal. The loss lives on the device, so it is read
+    (a host sync) at most once a second, not every step."""
+
+    def __init__(self, tokens_per_step: int, enabled: bool):
+        self.tokens_per_step, self.enabled = tokens_per_step, enabled
+        self.bar: tqdm | None = None
+        self.epoch, self.last_read, self.started = 0, 0.0, 0.0
+
+    def __call__(self, epoch: int, done: int, total: int, loss: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if epoch != self.epoch:
+            self.close()
+            self.bar = tqdm(total=total, initial=done - 1, desc=f"epoch {epoch}", unit="step", leave=False)
+            self.epoch, self.started, self.first_done = epoch, now, done - 1
+        self.bar.update(1)
+        if now - self.last_read >= 1.0 or done == total:
+            rate = (done - self.first_done) * self.tokens_per_step / max(now - self.started, 1e-9)
+            self.bar.set_postfix_str(f"loss {float(loss):.3f}, {rate:,.0f} tokens/s")
+            self.last_read = now
+        if done == total:  # validation and the epoch's summary line come next
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class Reporter:
@@ -544,12 +577,15 @@ def _train_run(
             logged = logged_progress(client, run_id, tracker.spool) if resuming else (0, 0)
             reporter = Reporter(prepared, tracker, checkpoints, get_encoding(options.tokenizer_file), options, *logged)
             trainer.observers.append(reporter)
+            tokens_per_step = cfg.train.batch_size * cfg.window_length
+            trainer.on_step = ProgressBar(tokens_per_step, options.progress and sys.stderr.isatty())
             if not resuming:
                 tracker.log_params(run_params(prepared))
                 tracker.log_text(dump_yaml(cfg), "config.yaml")
             trainer.fit()
             checkpoints.write(trainer)
         except Interrupted as exc:
+            trainer.on_step.close()  # the bar of the abandoned epoch
             reporter.log_steps(exc.step_points)
             checkpoints.write(trainer)
             status, exit_code = "KILLED", stopper.exit_code

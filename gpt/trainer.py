@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -157,6 +158,8 @@ class Trainer:
         self.forward = torch.compile(self.model) if use_compile else self.model
         self.stop_requested = False
         self.observers: list[Observer] = []
+        # called after every step with (epoch, batches done, batches in epoch, loss tensor on the device)
+        self.on_step: Callable[[int, int, int, torch.Tensor], None] | None = None
         self.steps_per_epoch = len(self._batches(0))
 
     def _batches(self, epoch: int) -> list[torch.Tensor]:
@@ -208,6 +211,8 @@ class Trainer:
             s.step += 1
             s.batch_in_epoch += 1
             s.tokens_seen += targets.numel()
+            if self.on_step is not None:
+                self.on_step(epoch, i + 1, len(batches), losses[i])
         values = losses.tolist()  # the epoch's one host sync
         step_losses = self._logged_points(values, first_step, len(batches))
         bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)

@@ -189,6 +189,7 @@ CASES = [
     case("run name escapes", "train", [*BASE, "--run-name", "../escape"], "run name '../escape' is not allowed"),
     case("run name empty", "train", [*BASE, "--run-name", ""], "run name '' is not allowed"),
     case("experiment blank", "train", [*BASE, "--experiment", " "], "experiment name must not be empty"),
+    case("experiment empty", "train", [*BASE, "--experiment", ""], "experiment name must not be empty"),
     case("server unreachable", "train", [*BASE, "--tracking-uri", f"http://127.0.0.1:{CLOSED_PORT}"], "not reachable"),
     case("unknown uri scheme", "train", [*BASE, "--tracking-uri", "ftp://host/db"], "unknown scheme 'ftp'"),
     case("uri is a plain folder", "train", [*BASE, "--tracking-uri", "mlruns"], "retired file store"),

@@ -517,13 +517,3 @@ def analyze(grid: GridData, target_loss: float | None = None) -> Analysis:
     summary = summary_table(runs, grid.factors) if len(runs) else pd.DataFrame()
     effects = main_effects(runs, grid.factors, base) if len(runs) else pd.DataFrame()
     return Analysis(grid, target, source, base, notes, runs, summary, effects)
-
-
-def __getattr__(name: str) -> object:
-    # Transitional: ablate.py still imports compare from here. Delete this function once it imports
-    # gpt.ablation.report instead (a module-level import would be circular: report imports analysis).
-    if name == "compare":
-        from gpt.ablation.report import compare
-
-        return compare
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
