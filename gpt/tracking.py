@@ -93,6 +93,8 @@ def quiet_client_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints its own run links when a run ends; ours open the UI's model-training view
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -241,8 +243,15 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if experiment.lifecycle_stage == "deleted":
             raise UserError(f"experiment {name!r} is deleted; restore it in MLflow or choose another --experiment")
         experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND_TAG[0]) == EXPERIMENT_KIND_TAG[1]:
+            return experiment_id
     # MLflow 3 opens an experiment on its GenAI pages unless it is marked as model training.
-    with_retries(lambda: client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND_TAG))
+    try:
+        with_retries(lambda: client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND_TAG))
+    except MlflowException:  # two processes tagging a new experiment at once: one insert loses
+        tags = with_retries(lambda: client.get_experiment(experiment_id)).tags
+        if tags.get(EXPERIMENT_KIND_TAG[0]) != EXPERIMENT_KIND_TAG[1]:
+            raise
     return experiment_id
 
 
