@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -27,6 +29,40 @@ RANKS = SHARED / "tokenizer" / "gpt2.tiktoken"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 if RANKS.is_file():
     os.environ.setdefault("GPT_TIKTOKEN_FILE", str(RANKS))
+
+
+# A train.py command line that trains in seconds on a CPU: tests add the settings they pin down.
+TINY_TRAIN = [
+    "--config", str(ROOT / "configs" / "tiny.yaml"),
+    "--data", str(VERDICT),
+    "--set", "model.context_length=16",
+    "--set", "model.emb_dim=16",
+    "--set", "train.sample_tokens=3",
+    "--set", "train.checkpoint_every_s=0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls run fastest on one thread (and match the train.py subprocesses, OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_train(args: list[str]) -> tuple[int, str]:
+    """train.py in this process: (exit code, output)."""
+    import train
+
+    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def last_run_id(output: str) -> str:
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("run_id: "), f"the last line should be 'run_id: <id>', got {last!r}"
+    return last.split(": ", 1)[1]
 
 
 @pytest.fixture(autouse=True, scope="session")

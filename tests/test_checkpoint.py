@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,10 @@ from gpt.config import Config, ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_MODEL = ModelConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2, dropout=0.0)
 CODE_RAN: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and a shared 2-core machine makes extra threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**model_changes: Any) -> Config:

@@ -20,6 +20,8 @@ from gpt.model import GPT
 from gpt.runs import find_checkpoint
 from gpt.tracking import resolve_tracking_uri
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytestmark = pytest.mark.skipif(not RANKS.is_file(), reason=f"no tokenizer ranks file at {RANKS}")
 
 _spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
@@ -87,15 +89,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         last_only=new_run("last-only", {"last.pt": payload(1)}),
         mismatch=new_run("mismatch", {"best.pt": payload(0, three_layers, TINY.model)}),
     )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny model decodes in microseconds a step; a second thread on a busy machine costs milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generate(store: Store, *args: str, prompt: str | None = "Dobby is") -> Result:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy.exc
 from click.testing import CliRunner
-from conftest import RANKS, ROOT, VERDICT, MlflowServer, Training
+from conftest import RANKS, TINY_TRAIN, MlflowServer, Training
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -26,17 +26,7 @@ import train
 from gpt.errors import UserError
 from gpt.tracking import Spool, Tracker, is_transient, quiet_client_retries, replay, run_lock
 
-FAST = [
-    "--config", str(ROOT / "configs" / "tiny.yaml"),
-    "--data", str(VERDICT),
-    "--set", "model.context_length=16",
-    "--set", "model.emb_dim=16",
-    "--set", "data.stride=64",
-    "--set", "train.batch_size=8",
-    "--set", "train.log_every_steps=3",
-    "--set", "train.sample_tokens=3",
-    "--set", "train.checkpoint_every_s=0",
-]  # fmt: skip
+FAST = [*TINY_TRAIN, "--set", "data.stride=64", "--set", "train.batch_size=8", "--set", "train.log_every_steps=3"]
 STEPS_PER_EPOCH = 8
 needs_tokenizer = pytest.mark.skipif(not RANKS.is_file(), reason=f"no tokenizer ranks file at {RANKS}")
 EPOCH_METRICS = ("train_loss", "val_loss", "val_ppl", "tokens_seen", "epoch_seconds", "wall_seconds")

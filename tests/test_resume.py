@@ -7,60 +7,34 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from click.testing import CliRunner
-from conftest import RANKS, ROOT, VERDICT, Training
+from conftest import RANKS, TINY_TRAIN, Training, last_run_id, run_train
 from mlflow.tracking import MlflowClient
 
 import gpt.trainer
-import train
 from gpt import checkpoint, job
 from gpt.runs import find_checkpoint
 from gpt.tracking import Spool
 
-pytestmark = pytest.mark.skipif(not RANKS.is_file(), reason=f"no tokenizer ranks file at {RANKS}")
+pytestmark = [
+    pytest.mark.skipif(not RANKS.is_file(), reason=f"no tokenizer ranks file at {RANKS}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # 8 steps of batch 8 per epoch (a window every 64 tokens); step points every 3 steps do not line up
 # with epochs. Dropout makes the losses depend on torch's RNG: only a resume that restores it matches.
 FAST = [
-    "--config", str(ROOT / "configs" / "tiny.yaml"),
-    "--data", str(VERDICT),
-    "--set", "model.context_length=16",
-    "--set", "model.emb_dim=16",
+    *TINY_TRAIN,
     "--set", "model.dropout=0.1",
     "--set", "data.stride=64",
     "--set", "train.batch_size=8",
     "--set", "train.log_every_steps=3",
-    "--set", "train.sample_tokens=3",
-    "--set", "train.checkpoint_every_s=0",
 ]  # fmt: skip
 STEPS_PER_EPOCH = 8
 CURVES = ("train_loss", "val_loss", "tokens_seen", "train_loss_step")
 Curves = dict[str, list[tuple[int, float]]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """As in the train.py subprocesses (OMP_NUM_THREADS=1): the same arithmetic, so the same losses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_train(args: list[str]) -> tuple[int, str]:
-    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-def last_run_id(output: str) -> str:
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("run_id: "), f"the last line should be 'run_id: <id>', got {last!r}"
-    return last.split(": ", 1)[1]
 
 
 def only_run(uri: str) -> str:
@@ -96,7 +70,7 @@ def epoch_seconds(line: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Curves, Path]:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tuple[Curves, Path]:
     """A 3-epoch run that nobody stops: the curves every resumed run must match exactly.
 
     Also keeps a copy of its last.pt as it was after epoch 1, like a run whose later checkpoints

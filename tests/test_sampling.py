@@ -24,6 +24,8 @@ from gpt.sampling import (
     text_pieces,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = ModelConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, dropout=0.0)
 PROMPT = [5, 17, 42]
 SETTINGS = {
@@ -33,15 +35,6 @@ SETTINGS = {
     "top-p": Sampling(temperature=1.3, top_p=0.9),
     "top-k and top-p": Sampling(temperature=1.0, top_k=20, top_p=0.7),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models decode in microseconds a step; a second thread on a busy machine costs milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model(seed: int = 0, **changes: object) -> GPT:

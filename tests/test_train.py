@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import ROOT, VERDICT, MlflowServer
+from conftest import TINY_TRAIN, MlflowServer, last_run_id, run_train
 from mlflow.tracking import MlflowClient
 
-import train
 from gpt import checkpoint
 from gpt.config import from_dict
 from gpt.data import Windows, build_corpus
@@ -24,27 +22,7 @@ from gpt.tokenizer import get_encoding
 EPOCH_METRICS = (
     "train_loss", "val_loss", "val_ppl", "tokens_seen", "epoch_seconds", "wall_seconds", "tokens_per_second"
 )  # fmt: skip
-TINY = [
-    "--config", str(ROOT / "configs" / "tiny.yaml"),
-    "--data", str(VERDICT),
-    "--set", "model.context_length=16",
-    "--set", "model.emb_dim=16",
-    "--set", "train.batch_size=32",
-    "--set", "train.log_every_steps=2",
-    "--set", "train.sample_tokens=5",
-    "--set", "train.checkpoint_every_s=0",
-]  # fmt: skip
-
-
-def run_train(args: list[str]) -> tuple[int, str]:
-    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-def last_run_id(output: str) -> str:
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("run_id: "), f"the last line should be 'run_id: <id>', got {last!r}"
-    return last.split(": ", 1)[1]
+TINY = [*TINY_TRAIN, "--set", "train.batch_size=32", "--set", "train.log_every_steps=2"]
 
 
 @pytest.fixture(scope="module")
