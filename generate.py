@@ -14,6 +14,7 @@ import torch
 from gpt import runs, sampling
 from gpt.cli import Command, friendly_errors
 from gpt.errors import UserError
+from gpt.trainer import resolve_device
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -79,7 +80,7 @@ def main(
     if run_id is None and log_to_run:
         raise UserError("--log adds the text to a run: give --run RUN_ID")
     text = sampling.read_prompt(prompt, prompt_file)
-    torch_device = sampling.pick_device(device)
+    torch_device = resolve_device(device, option="--device")
 
     path = runs.find_checkpoint(run_id, checkpoint, tracking_uri) if run_id else Path(checkpoint)
     model, cfg, encoding, info = sampling.load_model(path, torch_device)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt import config as config_module  # noqa: E402
 from gpt.model import GPT, count_parameters  # noqa: E402
-from gpt.sampling import Sampling, decode, pick_device  # noqa: E402
+from gpt.sampling import Sampling, decode  # noqa: E402
 from gpt.tokenizer import get_encoding  # noqa: E402
+from gpt.trainer import resolve_device  # noqa: E402
 
 PROMPT = "Every effort moves you"
 SAMPLING = Sampling(temperature=1.0, top_k=25)  # the seed's sampling settings
@@ -69,7 +70,7 @@ def device_name(device: torch.device) -> str:
 def main(configs: tuple[str, ...], tokens: int, repeats: int, batch: int, device: str, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-    torch_device = pick_device(device)
+    torch_device = resolve_device(device, option="--device")
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
     modes = {"recompute": {"kv_cache": False}, "kv-cache": {"kv_cache": True, "cuda_graph": False}}
     if torch_device.type == "cuda":

@@ -143,10 +143,6 @@ def prepare(cfg: Config, options: JobOptions, resume_payload: dict[str, Any] | N
     encoding = get_encoding(options.tokenizer_file)
     corpus = build_corpus(cfg, encoding, options.cache_dir)
     device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA GPU is available; use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is mps but MPS is not available; use --device auto or cpu")
     prepared = Prepared(cfg, corpus, data_stats(cfg, corpus), device, count_parameters(cfg.model))
     if resume_payload is not None:
         prepared.resumed = build_trainer(cfg, prepared, resume_payload)

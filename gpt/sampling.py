@@ -263,20 +263,6 @@ def text_pieces(encoding: tiktoken.Encoding, tokens: Iterator[int]) -> Iterator[
 # ---------------------------------------------------------------- loading and prompts
 
 
-def pick_device(name: str) -> torch.device:
-    """auto | cpu | cuda | mps -> a torch device that exists here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name not in available:
-        raise UserError(f"device must be one of auto, cpu, cuda, mps; got {name!r}")
-    if not available[name]:
-        raise UserError(f"device {name!r} is not available on this machine; use --device cpu or auto")
-    return torch.device(name)
-
-
 def load_model(path: Path, device: torch.device) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, object]]:
     """A checkpoint's model (eval mode, bf16 on CUDA), its config, its tokenizer and its metadata."""
     payload = checkpoint.load(path)

@@ -103,13 +103,16 @@ class NonFiniteLoss(Exception):
         self.epoch, self.step, self.step_points = epoch, step, step_points
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, option: str = "train.device") -> torch.device:
+    """auto | cuda | mps | cpu -> a device that exists here; `option` names the setting in errors."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if requested not in available:
+        raise UserError(f"{option} must be one of auto, cuda, mps, cpu; got {requested!r}")
+    if not available[requested]:
+        what = "CUDA GPU" if requested == "cuda" else "MPS device"
+        raise UserError(f"{option} is {requested} but no {what} is available; use --device auto or cpu")
     return torch.device(requested)
 
 
