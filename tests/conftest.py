@@ -42,6 +42,15 @@ TINY_TRAIN = [
 ]  # fmt: skip
 
 
+# ablate.py options for grids of tiny cells: tests add their factors, seeds and epochs.
+TINY_GRID = [
+    "--base", str(ROOT / "configs" / "tiny.yaml"),
+    "--set", "model.context_length=16",
+    "--set", "model.emb_dim=16",
+    "--set", "train.sample_every=0",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny matmuls run fastest on one thread (and match the train.py subprocesses, OMP_NUM_THREADS=1)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, VERDICT
+from conftest import TINY_GRID, VERDICT
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -14,16 +14,13 @@ import ablate
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_ppl", "tokens_seen", "epoch_seconds", "wall_seconds")
 GRID = [
-    "--base", str(ROOT / "configs" / "tiny.yaml"),
+    *TINY_GRID,
     "--data", str(VERDICT),
     "--vary", "model.n_layers=1,2",
     "--vary", "data.stride=0.5x,1x",
     "--seeds", "0",
     "--set", "train.epochs=2",
-    "--set", "model.context_length=16",
-    "--set", "model.emb_dim=16",
     "--set", "train.batch_size=32",
-    "--set", "train.sample_every=0",
 ]  # fmt: skip
 
 

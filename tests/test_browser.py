@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, VERDICT, MlflowServer
+from conftest import ROOT, TINY_GRID, VERDICT, MlflowServer
 from mlflow.tracking import MlflowClient
 
 import ablate
@@ -32,14 +32,11 @@ pytestmark = pytest.mark.skipif(
 )
 SHOTS = ROOT / "outputs" / "browser"
 GRID = [
-    "--base", str(ROOT / "configs" / "tiny.yaml"),
+    *TINY_GRID,
     "--vary", "model.n_layers=1,2",
     "--seeds", "0",
     "--set", "train.epochs=2",
-    "--set", "model.context_length=16",
-    "--set", "model.emb_dim=16",
     "--set", "train.batch_size=16",
-    "--set", "train.sample_every=0",
     "--name", "ui-grid",
 ]  # fmt: skip
 # The chart card titled `name` (the nearest ancestor of the title that holds a plot) and its drawn lines.

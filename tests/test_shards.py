@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, VERDICT, MlflowServer, subprocess_env
+from conftest import ROOT, TINY_GRID, VERDICT, MlflowServer, subprocess_env
 from mlflow.entities import Run, RunData, RunInfo, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
@@ -24,13 +24,10 @@ from gpt.config import Config
 from gpt.errors import UserError
 
 TINY = [
-    "--base", str(ROOT / "configs" / "tiny.yaml"),
+    *TINY_GRID,
     "--seeds", "0",
     "--set", "train.epochs=1",
-    "--set", "model.context_length=16",
-    "--set", "model.emb_dim=16",
     "--set", "train.batch_size=16",
-    "--set", "train.sample_every=0",
 ]  # fmt: skip
 
 
