@@ -21,7 +21,8 @@ import click
 from gpt import config as config_module
 from gpt.cli import Command, friendly_errors
 from gpt.errors import UserError
-from gpt.job import JobOptions, describe, prepare, resume_options, train
+from gpt.job import JobOptions, describe, prepare, train
+from gpt.resume import resume_options
 from gpt.text import default_cache_dir
 from gpt.tracking import check_tracking_uri, replay, resolve_tracking_uri, ui_link
 
@@ -98,7 +99,7 @@ def main(
         given = [name for name, value in conflicts.items() if value]
         if given:
             raise UserError(f"--resume continues a run with its own config, data and name; drop {', '.join(given)}")
-        resumption = resume_options(resume, options, [*overrides, *shortcuts])
+        resumption = resume_options(resume, tracking_uri, options.cache_dir, [*overrides, *shortcuts])
         cfg, payload, run_id = resumption.cfg, resumption.payload, resumption.run_id
         options.tracking_uri = resumption.tracking_uri
     else:

@@ -12,9 +12,15 @@ from mlflow.tracking import MlflowClient
 
 from gpt.errors import UserError
 from gpt.text import default_cache_dir
-from gpt.tracking import local_artifact_dir, resolve_tracking_uri
+from gpt.tracking import local_artifact_dir, resolve_tracking_uri, sqlite_folder
 
 CHECKPOINTS = "checkpoints"  # where a training run logs best.pt and last.pt
+
+
+def local_run_dir(tracking_uri: str, cache_dir: Path, run_id: str) -> Path:
+    """Spool and non-uploaded files: beside a SQLite store, else in the cache."""
+    folder = sqlite_folder(tracking_uri)
+    return folder / "local" / run_id if folder else cache_dir / "runs" / run_id
 
 
 def _reason(exc: Exception) -> str:

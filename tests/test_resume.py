@@ -14,7 +14,8 @@ from conftest import RANKS, TINY_TRAIN, Training, last_run_id, run_train
 from mlflow.tracking import MlflowClient
 
 import gpt.trainer
-from gpt import checkpoint, job
+from gpt import checkpoint, reporting
+from gpt.resume import logged_progress
 from gpt.runs import find_checkpoint
 from gpt.tracking import Spool
 
@@ -79,15 +80,15 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, one_thread: None) ->
     store = tmp_path_factory.mktemp("uninterrupted")
     uri = f"sqlite:///{store}/mlflow.db"
     early = store / "epoch1-last.pt"
-    write = job.Checkpoints.write
+    write = reporting.Checkpoints.write
 
-    def keep_first(self: job.Checkpoints, trainer: gpt.trainer.Trainer, include_last: bool = True) -> None:
+    def keep_first(self: reporting.Checkpoints, trainer: gpt.trainer.Trainer, include_last: bool = True) -> None:
         write(self, trainer, include_last)
         if trainer.state.epoch == 1 and not early.exists():
             shutil.copy(self.folder / "last.pt", early)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(job.Checkpoints, "write", keep_first)
+        patch.setattr(reporting.Checkpoints, "write", keep_first)
         code, output = run_train([*FAST, "--epochs", "3", "--tracking-uri", uri])
     assert code == 0, output
     run_id = last_run_id(output)
@@ -177,7 +178,7 @@ def test_resume_skips_what_the_spool_holds_but_the_store_does_not_yet(tmp_path: 
 
     spool = Spool(tmp_path)
     spool.add({"kind": "metrics", "points": [["train_loss", 3.0, 2, 0], ["train_loss_step", 3.1, 13, 0]]})
-    assert job.logged_progress(EmptyStore(), "run", spool) == (2, 13)
+    assert logged_progress(EmptyStore(), "run", spool) == (2, 13)
 
 
 def test_sigterm_stops_after_the_step_ends_the_run_killed_and_exits_143(tmp_path: Path) -> None:

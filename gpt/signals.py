@@ -1,0 +1,52 @@
+"""Ctrl-C and SIGTERM during training: stop after the current step, checkpoint, end the run KILLED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+from gpt.trainer import Trainer
+
+
+def _notice(text: str) -> None:
+    """Write from a signal handler: print() could re-enter a write the handler interrupted."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+class StopOnSignal:
+    """First Ctrl-C/SIGTERM asks the trainer to stop after the current step; a second exits at once.
+
+    With `immediate` (set once training is over and only delivery is left) the first signal exits.
+    Python runs signal handlers in the main thread only: in another thread (an ablation worker)
+    this does nothing, and whoever runs the thread stops its trainer with `trainer.stop_requested`.
+    """
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.signal_number, self.immediate = trainer, 0, False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal_number or signal.SIGINT)  # a stop asked for in code counts as Ctrl-C
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.signal_number or self.immediate:
+            raise SystemExit(128 + number)
+        self.signal_number = number
+        self.trainer.stop_requested = True
+        _notice("\nstopping after this step to save a checkpoint; press Ctrl-C again to exit at once\n")
