@@ -24,9 +24,9 @@ from gpt.ablation.slurm import SlurmOptions, check, job_script
 from gpt.cli import friendly_errors
 from gpt.data import build_corpus
 from gpt.errors import UserError
+from gpt.store import resolve_tracking_uri, sqlite_folder, ui_link
 from gpt.text import default_cache_dir
 from gpt.tokenizer import get_encoding
-from gpt.tracking import resolve_tracking_uri, sqlite_folder, ui_link
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

@@ -23,8 +23,9 @@ from gpt.cli import Command, friendly_errors
 from gpt.errors import UserError
 from gpt.job import JobOptions, describe, prepare, train
 from gpt.resume import resume_options
+from gpt.store import check_tracking_uri, resolve_tracking_uri, ui_link
 from gpt.text import default_cache_dir
-from gpt.tracking import check_tracking_uri, replay, resolve_tracking_uri, ui_link
+from gpt.tracking import replay
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from gpt.errors import UserError
-from gpt.tracking import quiet_client_retries
+from gpt.store import quiet_client_retries
 
 
 class Command(click.Command):

@@ -32,9 +32,7 @@ from gpt.reporting import Checkpoints, ProgressBar, Reporter
 from gpt.resume import check_same_data, logged_progress
 from gpt.runs import local_run_dir
 from gpt.signals import StopOnSignal
-from gpt.tokenizer import get_encoding
-from gpt.tracking import (
-    Tracker,
+from gpt.store import (
     absolute_uri,
     check_tracking_uri,
     ensure_experiment,
@@ -44,6 +42,8 @@ from gpt.tracking import (
     run_lock,
     with_retries,
 )
+from gpt.tokenizer import get_encoding
+from gpt.tracking import Tracker
 from gpt.trainer import Interrupted, NonFiniteLoss, Trainer, TrainState, autocast_dtype, resolve_device
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ from gpt.config import Config, apply_overrides, validate
 from gpt.data import Corpus
 from gpt.errors import UserError
 from gpt.runs import find_checkpoint, local_run_dir
-from gpt.tracking import Spool, check_tracking_uri, resolve_tracking_uri, with_retries
+from gpt.store import check_tracking_uri, resolve_tracking_uri, with_retries
+from gpt.tracking import Spool
 from gpt.trainer import TrainState
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")

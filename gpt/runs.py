@@ -11,8 +11,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt.errors import UserError
+from gpt.store import local_artifact_dir, resolve_tracking_uri, sqlite_folder
 from gpt.text import default_cache_dir
-from gpt.tracking import local_artifact_dir, resolve_tracking_uri, sqlite_folder
 
 CHECKPOINTS = "checkpoints"  # where a training run logs best.pt and last.pt
 

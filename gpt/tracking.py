@@ -1,4 +1,4 @@
-"""MLflow: where runs go, and a tracker that never stalls or loses a training run.
+"""A tracker that never stalls or loses a training run.
 
 Every metric batch, param set, tag and artifact is first appended (and fsynced) to a spool file in
 the run's local folder, then delivered by a background thread. Training never waits on the network:
@@ -11,268 +11,38 @@ acknowledgement was lost is simply sent again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
-import re
 import shutil
-import sqlite3
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import requests
-import sqlalchemy.exc
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from gpt.errors import UserError
 from gpt.plots import loss_curve
+from gpt.store import (
+    TrackingUnavailable,
+    check_tracking_uri,
+    flatten_params,
+    is_transient,
+    open_client,
+    resolve_tracking_uri,
+    run_lock,
+    with_retries,
+)
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; runs and stores are then not guarded
-    fcntl = None  # type: ignore[assignment]
-
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
-PARAM_LIMIT = 6000  # MLflow's maximum length of a param value
 CLOSE_TIMEOUT_ENV = "GPT_TRACKING_TIMEOUT"  # seconds a finished run waits for its tracking data to be delivered
 DEFAULT_CLOSE_TIMEOUT = 120.0
 CLOSING_RETRY_S = 2.0  # once a run has ended, how often delivery is retried while close() waits
-SQLITE_MAGIC = b"SQLite format 3\x00"
-# MLflow error codes that mean "try again later"; a locked SQLite file arrives as TEMPORARILY_UNAVAILABLE
-TRANSIENT_CODES = {
-    "TEMPORARILY_UNAVAILABLE",
-    "SERVICE_UNDER_MAINTENANCE",
-    "RESOURCE_EXHAUSTED",
-    "REQUEST_LIMIT_EXCEEDED",
-    "DEADLINE_EXCEEDED",
-}
-_OUTAGE = re.compile(
-    r"database is locked|database table is locked|connection refused|connection reset|connection aborted|"
-    r"max retries exceeded|timed out|remote end closed|broken pipe|error code 50[234]\b",
-    re.IGNORECASE,
-)
-T = TypeVar("T")
-
-
-class TrackingUnavailable(UserError):
-    """The tracking store kept failing: what it is missing stays in a local spool, to replay later."""
-
-    exit_code = 4
-
-
-def resolve_tracking_uri(cli_uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under ./mlruns."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def absolute_uri(uri: str) -> str:
-    """A SQLite URI that no longer depends on the current directory (others are returned as they are)."""
-    path = sqlite_path(uri)
-    return f"sqlite:///{path}" if path is not None and not uri.endswith(":memory:") else uri
-
-
-def is_remote(uri: str) -> bool:
-    return urllib.parse.urlparse(uri).scheme in ("http", "https")
-
-
-def quiet_client_retries() -> None:
-    """MLflow retries a dead server for minutes per call; our own sender retries instead."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # MLflow prints its own run links when a run ends; ours open the UI's model-training view
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, before any training, when the store cannot be used."""
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                response.read()
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UserError(
-                f"tracking server {uri} is not reachable ({reason}); start it or choose another --tracking-uri"
-            ) from None
-    elif scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            _check_sqlite_file(uri, Path(path).expanduser())
-    elif scheme in ("", "file"):
-        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
-            raise UserError(
-                f"tracking URI {uri!r} is a plain folder (MLflow's retired file store); "
-                f"use {DEFAULT_TRACKING_URI} or an http:// server"
-            )
-    elif scheme not in ("postgresql", "mysql", "mssql", "databricks") and "+" not in scheme:
-        raise UserError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; use sqlite:///... or http://...")
-
-
-def _check_sqlite_file(uri: str, path: Path) -> None:
-    if path.is_dir():
-        raise UserError(f"tracking store {uri}: {path} is a folder; name the database file, e.g. {path}/mlflow.db")
-    if path.is_file():
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
-        if head and head != SQLITE_MAGIC:
-            raise UserError(f"tracking store {uri}: {path} is not a SQLite database")
-        return
-    ancestor = path.parent  # created when the store is opened: a check writes nothing
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"tracking store {uri}: cannot create {path} ({ancestor} is not a writable folder)")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: a locked SQLite file, a server that is down, restarting or overloaded."""
-    if isinstance(exc, MlflowException):
-        return exc.error_code in TRANSIENT_CODES or bool(_OUTAGE.search(str(exc)))
-    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlite3.OperationalError)):
-        return "locked" in str(exc).lower() or "busy" in str(exc).lower()
-    # artifact uploads go through requests directly; a missing file or a denied folder is not transient
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
-
-
-def with_retries(call: Callable[[], T], attempts: int = 8, first_wait: float = 0.2) -> T:
-    """Run a tracking call, retrying transient failures with exponential back-off."""
-    wait = first_wait
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as exc:
-            if attempt == attempts - 1 or not is_transient(exc):
-                raise
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
-    raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive advisory lock on `path` for the block; yields False if non-blocking and taken."""
-    if fcntl is None:
-        yield True
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def run_lock(folder: Path, run_id: str) -> Iterator[None]:
-    """Only one process at a time may train or replay a run (on this machine)."""
-    with file_lock(folder / "lock", blocking=False) as taken:
-        if not taken:
-            raise UserError(
-                f"run {run_id} is in use by another process on this machine ({folder / 'lock'} is locked); "
-                "wait for it to end or stop it first"
-            )
-        yield
-
-
-def open_client(uri: str) -> MlflowClient:
-    """A client whose store is ready to use.
-
-    MLflow creates a new SQLite store's tables on first use without a lock, so two trainings that
-    start together on a new file both run the migrations, and one fails. They take turns here.
-    """
-    path = sqlite_path(uri)
-    if path is None:
-        return MlflowClient(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.with_name(f".{path.name}.lock")):
-        return MlflowClient(uri)  # MLflow opens (and migrates) the store right here
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The file of a SQLite store, or None for other stores."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve()
-
-
-def sqlite_folder(tracking_uri: str) -> Path | None:
-    """The folder holding a SQLite store's file, or None for other stores."""
-    path = sqlite_path(tracking_uri)
-    return path.parent if path else None
-
-
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Beside a SQLite file, artifacts go next to it (MLflow's default is relative to the cwd)."""
-    folder = sqlite_folder(tracking_uri)
-    if folder is None:
-        return None  # a server or database store knows its own artifact root
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-    return (folder / "artifacts" / slug).as_uri()
-
-
-def ensure_experiment(client: MlflowClient, name: str) -> str:
-    experiment = with_retries(lambda: client.get_experiment_by_name(name))
-    if experiment is None:
-        location = artifact_location(client.tracking_uri, name)
-        try:
-            experiment_id = with_retries(lambda: client.create_experiment(name, artifact_location=location))
-        except MlflowException:  # another process created it between our two calls
-            experiment_id = with_retries(lambda: client.get_experiment_by_name(name)).experiment_id
-    else:
-        if experiment.lifecycle_stage == "deleted":
-            raise UserError(f"experiment {name!r} is deleted; restore it in MLflow or choose another --experiment")
-        experiment_id = experiment.experiment_id
-        if experiment.tags.get(EXPERIMENT_KIND_TAG[0]) == EXPERIMENT_KIND_TAG[1]:
-            return experiment_id
-    # MLflow 3 opens an experiment on its GenAI pages unless it is marked as model training.
-    try:
-        with_retries(lambda: client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND_TAG))
-    except MlflowException:  # two processes tagging a new experiment at once: one insert loses
-        tags = with_retries(lambda: client.get_experiment(experiment_id)).tags
-        if tags.get(EXPERIMENT_KIND_TAG[0]) != EXPERIMENT_KIND_TAG[1]:
-            raise
-    return experiment_id
-
-
-def local_artifact_dir(artifact_uri: str) -> Path | None:
-    """The folder behind a run's artifact URI when it is on this machine, else None."""
-    parsed = urllib.parse.urlparse(artifact_uri)
-    if parsed.scheme == "file":
-        return Path(urllib.parse.unquote(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
-        return Path(artifact_uri)
-    return None
-
-
-def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """A link that opens the run in the UI's model-training view."""
-    base = tracking_uri.rstrip("/") if is_remote(tracking_uri) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
-def flatten_params(params: dict[str, Any]) -> list[Param]:
-    return [Param(key, str(value)[:PARAM_LIMIT]) for key, value in params.items()]
 
 
 def close_timeout() -> float:

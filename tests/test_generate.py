@@ -18,7 +18,7 @@ from gpt.config import Config, ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.runs import find_checkpoint
-from gpt.tracking import resolve_tracking_uri
+from gpt.store import resolve_tracking_uri
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 import train
 from gpt.errors import UserError
-from gpt.tracking import Spool, Tracker, is_transient, quiet_client_retries, replay, run_lock
+from gpt.store import is_transient, quiet_client_retries, run_lock
+from gpt.tracking import Spool, Tracker, replay
 
 FAST = [*TINY_TRAIN, "--set", "data.stride=64", "--set", "train.batch_size=8", "--set", "train.log_every_steps=3"]
 STEPS_PER_EPOCH = 8

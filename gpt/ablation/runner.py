@@ -49,7 +49,7 @@ from mlflow.tracking import MlflowClient
 from gpt.ablation.grid import Cell, GridSpec, SkippedCell
 from gpt.errors import UserError
 from gpt.job import JobOptions, check_run_name, prepare, train
-from gpt.tracking import check_tracking_uri, ensure_experiment, open_client, with_retries
+from gpt.store import check_tracking_uri, ensure_experiment, open_client, with_retries
 
 PARENT_SETTLE_S = 5.0
 CLAIM_START_S = 600.0  # a claim has become a run within seconds, unless its process died first
@@ -201,7 +201,7 @@ def open_parent(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], o
 
 
 def _ensure_experiment(client: MlflowClient, name: str) -> str:
-    """gpt.tracking.ensure_experiment, again if a shard starting at the same moment tagged the experiment first.
+    """gpt.store.ensure_experiment, again if a shard starting at the same moment tagged the experiment first.
 
     MLflow's store upserts an experiment tag with a read, then an insert; of two processes tagging a new
     experiment at once, one fails on the table's unique key. The second try finds the tag and updates it.
