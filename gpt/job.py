@@ -84,6 +84,7 @@ class JobResult:
     message: str = ""
     exit_code: int = 0
     local_dir: str = ""  # the run's spool and lock; `train.py --replay` it when tracking was left undelivered
+    report_seconds: dict[str, float] = field(default_factory=dict)  # time spent reporting, by activity
 
 
 def default_run_name(cfg: Config) -> str:
@@ -331,4 +332,5 @@ def _train_run(
         message,
         exit_code or (0 if delivered else 4),
         str(local_dir),
+        dict(reporter.seconds),
     )

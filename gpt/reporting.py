@@ -123,6 +123,7 @@ class Reporter:
         self.cfg, self.tracker, self.checkpoints = cfg, tracker, checkpoints
         self.encoding, self.echo, self.title = encoding, echo, title
         self.logged_epoch, self.logged_step = logged_epoch, logged_step
+        self.seconds: dict[str, float] = {}  # wall time spent per reporting activity (metrics, samples, ...)
 
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         cfg, epochs = self.cfg, self.cfg.train.epochs
