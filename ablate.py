@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 from mlflow.tracking import MlflowClient
 
-from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, load_grid, plan_rows
+from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, plan_rows
+from gpt.ablation.grid_file import load_grid
 from gpt.ablation.runner import RunnerOptions, close_parent, parse_shard, run_grid
 from gpt.ablation.slurm import SlurmOptions, check, job_script
 from gpt.cli import friendly_errors

@@ -1,4 +1,4 @@
-"""Ablation analysis: statistics on synthetic curves with known answers, the report, and MLflow end to end."""
+"""Ablation analysis: run metrics and main effects of synthetic grids with known answers, the report, MLflow."""
 
 from __future__ import annotations
 
@@ -67,106 +67,7 @@ def fake_grid(
     )
 
 
-# ---------------------------------------------------------------- convergence fit
-
-
-def test_fit_recovers_known_parameters_from_a_noiseless_curve():
-    tokens = np.arange(1, 41) * TOKENS_PER_EPOCH
-    fit = analysis.fit_convergence(tokens, power_law(3.0, 950.0, 0.5, tokens))
-    assert fit.error == ""
-    assert fit.a == pytest.approx(3.0, abs=1e-3), fit
-    assert fit.b == pytest.approx(950.0, rel=1e-2), fit
-    assert fit.c == pytest.approx(0.5, abs=1e-3), fit
-
-
-def test_fit_recovers_parameters_from_a_mildly_noisy_curve_within_its_standard_errors():
-    tokens = np.arange(1, 41) * TOKENS_PER_EPOCH
-    loss = power_law(3.0, 950.0, 0.5, tokens) + np.random.default_rng(1).normal(0, 0.005, len(tokens))
-    fit = analysis.fit_convergence(tokens, loss)
-    assert fit.error == ""
-    assert abs(fit.a - 3.0) < max(0.1, 3 * fit.a_se), f"asymptote {fit.a} ± {fit.a_se}, expected 3.0"
-    assert abs(fit.c - 0.5) < max(0.1, 3 * fit.c_se), f"rate {fit.c} ± {fit.c_se}, expected 0.5"
-    assert 0 < fit.a_se < 0.2 and 0 < fit.c_se < 0.2
-
-
-@pytest.mark.parametrize(
-    "tokens, loss, reason",
-    [
-        ([1e5, 2e5, 3e5], [5.0, 4.0, 3.5], "needs at least 4"),
-        ([1e5, 2e5, 3e5, 4e5], [4.0, 4.0, 4.0, 4.0], "flat curve"),
-        ([1e5, 2e5, np.nan, 4e5], [5.0, np.nan, 4.0, 3.9], "needs at least 4"),
-    ],
-)
-def test_fit_reports_failure_instead_of_raising(tokens, loss, reason):
-    fit = analysis.fit_convergence(tokens, loss)
-    assert reason in fit.error and math.isnan(fit.a)
-
-
-# ---------------------------------------------------------------- intervals and tests
-
-
-def test_confidence_interval_is_the_student_t_interval():
-    estimate = analysis.mean_ci([1.0, 2.0, 3.0])
-    # mean 2, sd 1, t(0.975, df=2) = 4.3027
-    assert estimate.mean == pytest.approx(2.0)
-    assert estimate.ci95 == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
-    assert math.isnan(analysis.mean_ci([1.0]).ci95) and analysis.mean_ci([np.nan, 2.0]).n == 1
-
-
-def test_confidence_interval_covers_the_true_mean_95_percent_of_the_time():
-    rng = np.random.default_rng(2)
-    samples = rng.normal(4.0, 0.05, size=(1000, 3))
-    covered = [abs(e.mean - 4.0) <= e.ci95 for e in map(analysis.mean_ci, samples)]
-    assert 0.925 < np.mean(covered) < 0.975, f"coverage {np.mean(covered):.3f}, expected about 0.95"
-
-
-def test_a_real_difference_between_levels_is_significant():
-    rng = np.random.default_rng(3)
-    base = {("", seed): 3.3 + rng.normal(0, 0.02) for seed in "012"}
-    level = {("", seed): 3.0 + rng.normal(0, 0.02) for seed in "012"}
-    comparison = analysis.compare_to_base(base, level)
-    assert comparison.test == "paired t" and comparison.n == 3
-    assert comparison.p_value < 0.05, comparison
-    assert comparison.delta == pytest.approx(-0.3, abs=0.05)
-    assert abs(comparison.delta + 0.3) <= comparison.ci95 + 0.05
-
-
-def test_pure_noise_is_rarely_significant():
-    rng = np.random.default_rng(4)
-    p_values = [
-        analysis.compare_to_base(
-            dict(enumerate(rng.normal(3.0, 0.02, 3))), dict(enumerate(rng.normal(3.0, 0.02, 3)))
-        ).p_value
-        for _ in range(400)
-    ]
-    assert np.mean(np.array(p_values) < 0.05) < 0.09, "the test rejects noise more often than its 5% level"
-
-
-def test_unmatched_seeds_use_welch_and_single_runs_get_no_test():
-    welch = analysis.compare_to_base({0: 3.3, 1: 3.31, 2: 3.29}, {3: 3.0, 4: 3.02})
-    assert welch.test == "Welch t" and welch.p_value < 0.05
-    assert analysis.compare_to_base({0: 3.3}, {0: 3.0}).test == "too few runs"
-
-
-# ---------------------------------------------------------------- curves
-
-
-def test_overfitting_is_flagged_at_the_epoch_of_lowest_val_loss():
-    val = [5.0, 4.2, 3.8, 3.6, 3.65, 3.8, 4.0]
-    assert analysis.overfit_epoch(range(1, 8), val) == 4
-    assert analysis.overfit_epoch(range(1, 8), [5.0, 4.0, 3.5, 3.2, 3.1, 3.05, 3.0]) is None
-    assert analysis.overfit_epoch(range(1, 5), [5.0, 4.0, 3.5, 3.505]) is None, "a rise within tolerance is noise"
-    assert analysis.overfit_epoch([2, 4, 6, 8], [5.0, 4.0, 4.5, 4.6]) == 4, "epochs come from the index, not positions"
-
-
-def test_tokens_to_target_interpolates_the_first_crossing():
-    tokens = [100, 200, 300, 400, 500]
-    loss = [5.0, 4.0, 3.0, 3.6, 2.5]
-    assert analysis.first_crossing(tokens, loss, 3.5) == pytest.approx(250.0), "halfway between 4.0 and 3.0"
-    assert analysis.first_crossing(tokens, loss, 3.0) == pytest.approx(300.0)
-    assert analysis.first_crossing(tokens, loss, 6.0) == 100.0, "already below at the first logged epoch"
-    assert analysis.first_crossing(tokens, loss, 2.7) == pytest.approx(500 - 100 * 0.2 / 1.1)
-    assert math.isnan(analysis.first_crossing(tokens, loss, 2.0))
+# ---------------------------------------------------------------- grid-level analysis
 
 
 def test_default_target_is_the_worst_runs_best_val_loss_so_every_run_reaches_it():
@@ -176,9 +77,6 @@ def test_default_target_is_the_worst_runs_best_val_loss_so_every_run_reaches_it(
     given = analysis.analyze(fake_grid({"0.5x": 3.0, "1x": 3.3}), target_loss=3.2)
     assert given.target_source == "given"
     assert given.summary.set_index("data.stride").loc["1x", "reached_target"].eq(0).all()
-
-
-# ---------------------------------------------------------------- grid-level analysis
 
 
 def test_main_effects_find_the_factor_that_matters_and_not_the_one_that_does_not():

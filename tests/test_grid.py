@@ -16,9 +16,9 @@ from gpt.ablation.grid import (
     corpus_key,
     expand,
     format_plan,
-    load_grid,
     plan_rows,
 )
+from gpt.ablation.grid_file import load_grid
 from gpt.config import load
 from gpt.data import build_corpus, count_windows, data_stats
 from gpt.errors import UserError

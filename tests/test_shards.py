@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 
 import ablate
 from gpt.ablation import runner
-from gpt.ablation.grid import Cell, load_grid
+from gpt.ablation.grid import Cell
+from gpt.ablation.grid_file import load_grid
 from gpt.config import Config
 from gpt.errors import UserError
 

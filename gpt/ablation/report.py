@@ -14,8 +14,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt.ablation import plots
-from gpt.ablation.analysis import OVERFIT_TOLERANCE, Analysis, analyze, fetch_grid, level_order
+from gpt.ablation.analysis import Analysis, analyze, fetch_grid, level_order
 from gpt.ablation.grid import si, table_lines
+from gpt.ablation.stats import OVERFIT_TOLERANCE
 from gpt.errors import UserError
 
 
