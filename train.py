@@ -5,6 +5,7 @@ python train.py --config configs/gpt2-128.yaml --data 'books/*.txt' --set model.
 python train.py --resume <run_id>                  # continue a killed run from its last checkpoint
 python train.py --resume <run_id> --epochs 20      # or train a finished one longer
 python train.py --replay mlruns/local/<run_id>     # send what a run could not deliver to its server
+torchrun --nproc_per_node=4 train.py --config ...  # data-parallel over 4 GPUs; train.batch_size is the global batch
 
 Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 non-finite loss, 4 tracking left undelivered
 (replay it), 130/143 stopped by Ctrl-C/SIGTERM (resume it).
@@ -19,6 +20,7 @@ from pathlib import Path
 import click
 
 from gpt import config as config_module
+from gpt import distributed
 from gpt.cli import Command, friendly_errors
 from gpt.errors import UserError
 from gpt.job import JobOptions, describe, prepare, train
@@ -75,8 +77,15 @@ def main(
     resume,
     replay_dir,
 ) -> None:
-    """Train a GPT language model on text files, with every run tracked in MLflow."""
+    """Train a GPT language model on text files, with every run tracked in MLflow.
+
+    Under torchrun every process trains its share of each batch; rank 0 tracks and checkpoints.
+    """
+    ranks = distributed.from_environment()
+    echo = click.echo if ranks.is_main else _silent
     if replay_dir:
+        if ranks.active:
+            raise UserError("--replay sends a run's spool and trains nothing; run it without torchrun")
         conflicts = {"--resume": resume, "--config": config_path, "--data": data, "--set": overrides}
         given = [name for name, value in conflicts.items() if value]
         if given:
@@ -93,7 +102,9 @@ def main(
         tracking_uri=tracking_uri,
         cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
         tokenizer_file=tokenizer_file or os.environ.get("GPT_TIKTOKEN_FILE"),
-        echo=click.echo,
+        progress=ranks.is_main,
+        echo=echo,
+        ranks=ranks,
     )
     if resume:
         conflicts = {"--config": config_path, "--data": data, "--run-name": run_name, "--experiment": experiment}
@@ -114,17 +125,19 @@ def main(
     check_tracking_uri(options.tracking_uri)  # before the data are read: an unusable store fails at once
     prepared = prepare(cfg, options, payload)
     for line in describe(prepared):
-        click.echo(line)
+        echo(line)
     if payload is not None:
         state = payload["state"]
-        click.echo(
+        echo(
             f"resuming run {run_id} from {resumption.path}: epoch {state['epoch'] + 1} of {cfg.train.epochs}, "
             f"after batch {state['batch_in_epoch']} (step {state['step']})"
         )
     if dry_run:
-        click.echo("dry run: configuration and data are valid; no run was created or changed")
+        echo("dry run: configuration and data are valid; no run was created or changed")
         return
     result = train(cfg, options, prepared, resume_payload=payload, resume_run_id=run_id)
+    if not ranks.is_main:  # rank 0 reports the run
+        raise SystemExit(result.exit_code)
     click.echo(f"status: {result.status}" + (f": {result.message}" if result.message else ""))  # ends copyable
     if result.final_val_loss is not None:
         click.echo(f"final val loss: {result.final_val_loss:.4f}")
@@ -133,6 +146,10 @@ def main(
     click.echo(f"browse: {ui_link(options.tracking_uri, result.experiment_id, result.run_id)}")
     click.echo(f"run_id: {result.run_id}")
     raise SystemExit(result.exit_code)
+
+
+def _silent(message: str) -> None:
+    """The echo of ranks other than 0: one line per run, not one per process."""
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gpt import checkpoint
+from gpt import checkpoint, distributed
 from gpt.config import Config, dump_yaml
 from gpt.data import Corpus, DataStats, build_corpus, data_stats
+from gpt.distributed import Ranks
 from gpt.errors import UserError
 from gpt.model import GPT, count_parameters, flops_per_token
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
@@ -61,6 +62,7 @@ class JobOptions:
     tags: dict[str, str] = field(default_factory=dict)
     progress: bool = True
     echo: Callable[[str], None] = print
+    ranks: Ranks = field(default_factory=Ranks)  # this process among those of a torchrun launch
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Prepared:
     stats: DataStats
     device: torch.device
     n_params: int
+    ranks: Ranks
     resumed: Trainer | None = None  # restored from the checkpoint to resume, already checked against cfg and data
 
 
@@ -113,15 +116,18 @@ def prepare(cfg: Config, options: JobOptions, resume_payload: dict[str, Any] | N
     encoding = get_encoding(options.tokenizer_file)
     corpus = build_corpus(cfg, encoding, options.cache_dir)
     device = resolve_device(cfg.train.device)
-    prepared = Prepared(cfg, corpus, data_stats(cfg, corpus), device, count_parameters(cfg.model))
+    if options.ranks.active:
+        device = distributed.join(options.ranks, device)
+    stats = data_stats(cfg, corpus)
+    prepared = Prepared(cfg, corpus, stats, device, count_parameters(cfg.model), options.ranks)
     if resume_payload is not None:
         prepared.resumed = build_trainer(cfg, prepared, resume_payload)
     return prepared
 
 
 def describe(prepared: Prepared) -> list[str]:
-    s, cfg = prepared.stats, prepared.cfg
-    return [
+    s, cfg, ranks = prepared.stats, prepared.cfg, prepared.ranks
+    lines = [
         f"model: {prepared.n_params:,} parameters ({prepared.n_params * 4 / 2**20:,.0f} MB fp32), "
         f"{flops_per_token(cfg.model, cfg.window_length) / 1e6:,.1f} MFLOP per token",
         f"data: {s.train_tokens:,} train tokens, {s.val_tokens:,} validation tokens",
@@ -130,6 +136,10 @@ def describe(prepared: Prepared) -> list[str]:
         f"per epoch: {s.steps_per_epoch:,} steps of batch {cfg.train.batch_size}, {s.tokens_per_epoch:,} tokens",
         f"device: {prepared.device}",
     ]
+    if ranks.active:
+        share = -(-cfg.train.batch_size // ranks.world_size)
+        lines.append(f"ranks: {ranks.world_size} processes, up to {share} windows of each batch on each")
+    return lines
 
 
 def run_params(prepared: Prepared) -> dict[str, Any]:
@@ -169,6 +179,7 @@ def run_tags(prepared: Prepared) -> dict[str, str]:
         "torch_version": torch.__version__,
         "mlflow_version": mlflow.__version__,
         "device_name": name,
+        "world_size": str(prepared.ranks.world_size),
         "mlflow.source.name": "train.py",
     }
 
@@ -200,12 +211,14 @@ def build_trainer(cfg: Config, prepared: Prepared, payload: dict[str, Any] | Non
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     if payload is None:
-        return Trainer(cfg, model, prepared.corpus, prepared.device)
+        trainer = Trainer(cfg, model, prepared.corpus, prepared.device, ranks=prepared.ranks)
+        distributed.seed_rank(prepared.ranks, cfg.train.seed, 0)
+        return trainer
     source = "the checkpoint"
     check_same_data(payload, prepared.corpus)
     checkpoint.load_model_state(model, payload["model"], source)
     state = TrainState.from_dict(payload["state"], source)
-    trainer = Trainer(cfg, model, prepared.corpus, prepared.device, state)
+    trainer = Trainer(cfg, model, prepared.corpus, prepared.device, state, prepared.ranks)
     if payload["optimizer"]:
         try:
             trainer.optimizer.load_state_dict(payload["optimizer"])
@@ -213,6 +226,7 @@ def build_trainer(cfg: Config, prepared: Prepared, payload: dict[str, Any] | Non
             raise UserError(f"{source}: its optimizer state does not fit the model ({exc})") from None
     # Nothing draws from torch's generator between here and the first step (samples use their own).
     checkpoint.set_rng_state(payload["rng"], source)
+    distributed.seed_rank(prepared.ranks, cfg.train.seed, state.step)
     return trainer
 
 
@@ -233,6 +247,8 @@ def train(
         trainer, prepared.resumed = prepared.resumed, None  # a trainer trains one run
     else:
         trainer = build_trainer(cfg, prepared, resume_payload)
+    if not prepared.ranks.is_main:
+        return _follow(trainer)
     client = open_client(uri)
     with StopOnSignal(trainer) as stopper:  # from here on a run exists, and a signal must end it properly
         if resume_run_id is not None:
@@ -245,6 +261,21 @@ def train(
                 with_retries(lambda: client.update_run(resume_run_id, status="RUNNING"))
             resuming = resume_run_id is not None
             return _train_run(trainer, prepared, options, client, run, local_dir, stopper, resuming)
+
+
+def _follow(trainer: Trainer) -> JobResult:
+    """Train as a rank other than 0: the same steps, and nothing tracked or saved (rank 0 does that)."""
+    status, exit_code = "FINISHED", 0
+    with StopOnSignal(trainer) as stopper:
+        try:
+            trainer.fit()
+        except Interrupted:
+            status, exit_code = "KILLED", stopper.exit_code
+        except NonFiniteLoss:
+            status, exit_code = "FAILED", 3
+    s = trainer.state
+    final_val = next((row["val_loss"] for row in reversed(s.history) if row["val_loss"] is not None), None)
+    return JobResult("", "", status, s.best_val_loss, s.best_epoch, final_val, exit_code=exit_code)
 
 
 def _train_run(

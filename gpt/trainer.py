@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from gpt.config import Config
 from gpt.data import Corpus, Windows, epoch_order, sequential_batches
+from gpt.distributed import STOP_CHECK_STEPS, Ranks
 from gpt.errors import UserError
 from gpt.model import GPT
 
@@ -148,8 +150,16 @@ def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: GPT, corpus: Corpus, device: torch.device, state: TrainState | None = None):
-        self.cfg, self.device = cfg, device
+    def __init__(
+        self,
+        cfg: Config,
+        model: GPT,
+        corpus: Corpus,
+        device: torch.device,
+        state: TrainState | None = None,
+        ranks: Ranks | None = None,
+    ):
+        self.cfg, self.device, self.ranks = cfg, device, ranks or Ranks()
         self.model = model.to(device)
         self.optimizer = build_optimizer(cfg, self.model, device)
         self.state = state or TrainState()
@@ -159,9 +169,15 @@ class Trainer:
         self.dtype = autocast_dtype(cfg, device)
         use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
         self.forward = torch.compile(self.model) if use_compile else self.model
+        # training steps go through DDP, which all-reduces the gradients during backward; validation
+        # and sampling use the bare model (DDP would wait for the other ranks on every forward)
+        self.step_forward = self.forward
+        if self.ranks.active:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.step_forward = DistributedDataParallel(self.forward, device_ids=device_ids)
         self.stop_requested = False
         self.observers: list[Observer] = []
-        # called after every step with (epoch, batches done, batches in epoch, loss tensor on the device)
+        # called after every step with (epoch, batches done, batches in epoch, this rank's loss on the device)
         self.on_step: Callable[[int, int, int, torch.Tensor], None] | None = None
         self.steps_per_epoch = len(self._batches(0))
 
@@ -189,34 +205,38 @@ class Trainer:
         batches = [index.to(self.device) for index in self._batches(epoch)]  # one transfer, not one a step
         done = s.batch_in_epoch  # non-zero when resuming an interrupted epoch
         first_step = s.step - done + 1  # the global step of the epoch's first batch
-        # every step's loss stays on the device until the epoch ends: no host sync per step
+        # every step's loss stays on the device until the epoch ends: no host sync per step. With
+        # several ranks each holds its share of the batch mean; their sum is the batch's mean loss.
         losses = torch.zeros(len(batches), device=self.device)
-        losses[:done] = torch.tensor(s.epoch_losses, dtype=losses.dtype)
+        if self.ranks.is_main:  # the losses of the epoch's resumed part, counted once in the sum
+            losses[:done] = torch.tensor(s.epoch_losses, dtype=losses.dtype)
+        world = self.ranks.world_size
         started = time.perf_counter()
         tokens_before = s.tokens_seen
         self.model.train()
         for i in range(done, len(batches)):
-            if self.stop_requested:
-                s.epoch_losses = losses[:i].tolist()
+            if self._stop_agreed(i - done):
+                s.epoch_losses = self.ranks.sum(losses[:i]).tolist()
                 s.wall_seconds += time.perf_counter() - started
                 raise Interrupted(self._logged_points(s.epoch_losses, first_step, len(batches)))
-            inputs, targets = self.train_windows.batch(batches[i])
+            index, weight = self.ranks.shard(batches[i])
+            inputs, targets = self.train_windows.batch(index)
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.cfg, s.step, total_steps)
             with self._autocast():
-                loss = self.forward(inputs, targets)
-            loss.backward()
+                loss = self.step_forward(inputs, targets)
+            (loss * weight if self.ranks.active else loss).backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses[i] = loss.detach()
+            losses[i] = loss.detach() * (weight / world)
             s.step += 1
             s.batch_in_epoch += 1
-            s.tokens_seen += targets.numel()
+            s.tokens_seen += len(batches[i]) * targets.shape[1]
             if self.on_step is not None:
-                self.on_step(epoch, i + 1, len(batches), losses[i])
-        values = losses.tolist()  # the epoch's one host sync
+                self.on_step(epoch, i + 1, len(batches), loss.detach())
+        values = self.ranks.sum(losses).tolist()  # the epoch's one host sync
         step_losses = self._logged_points(values, first_step, len(batches))
         bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
         if bad is not None:
@@ -245,6 +265,12 @@ class Trainer:
         s.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "step": s.step})
         return metrics
 
+    def _stop_agreed(self, steps_done: int) -> bool:
+        """Whether to stop before the next step. Ranks stop together, at a step where they agree on it."""
+        if not self.ranks.active:
+            return self.stop_requested
+        return steps_done % STOP_CHECK_STEPS == 0 and self.ranks.any(self.stop_requested, self.device)
+
     def _logged_points(self, values: list[float], first_step: int, n_batches: int) -> StepPoints:
         """The (step, loss) pairs logged as train_loss_step: every log_every_steps, and the epoch's last step."""
         every = self.cfg.train.log_every_steps
@@ -256,13 +282,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean cross-entropy over every validation window (all windows have the same length)."""
+        """Mean cross-entropy over every validation window (all windows have the same length).
+
+        With several ranks each scores its own contiguous share of the windows.
+        """
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        count = len(self.val_windows)
-        for index in sequential_batches(count, self.cfg.train.batch_size):
-            inputs, targets = self.val_windows.batch(index.to(self.device))
+        share = self.ranks.part(len(self.val_windows))
+        for index in sequential_batches(len(share), self.cfg.train.batch_size):
+            inputs, targets = self.val_windows.batch((index + share.start).to(self.device))
             with self._autocast():
                 total += self.forward(inputs, targets).float() * len(index)
         self.model.train()
-        return float(total) / count
+        return float(self.ranks.sum(total)) / len(self.val_windows)
