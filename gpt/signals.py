@@ -49,4 +49,5 @@ class StopOnSignal:
             raise SystemExit(128 + number)
         self.signal_number = number
         self.trainer.stop_requested = True
-        _notice("\nstopping after this step to save a checkpoint; press Ctrl-C again to exit at once\n")
+        if self.trainer.ranks.is_main:  # under torchrun every rank gets the signal; one line is enough
+            _notice("\nstopping after this step to save a checkpoint; press Ctrl-C again to exit at once\n")
