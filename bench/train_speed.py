@@ -1,19 +1,22 @@
 """Training throughput: the project's default path against a plain reference, side by side.
 
 Builds the model and the training step through the project's own code (gpt.model, gpt.trainer)
-and times warm epochs of random tokens for three variants, interleaved round by round so that
+and times warm epochs of random tokens for four variants, interleaved round by round so that
 drift in the machine's speed hits all of them alike:
 
-  default      what train.py does on this device (CUDA: bf16 autocast, torch.compile, fused AdamW,
-               SDPA, tokens on the device), with dropout as configured
-  dropout0     the same with dropout 0 (like-for-like with nanoGPT's benchmark)
-  reference    the seed's style: fp32 eager, explicit triu-mask attention, plain AdamW
+  default       what train.py does on this device (CUDA: bf16 autocast, torch.compile, fused AdamW,
+                SDPA, tokens on the device), with dropout as configured
+  dropout0      the same with dropout 0 (like-for-like with nanoGPT's benchmark)
+  chunked-loss  default with the fused, chunked LM head + cross-entropy (model.loss_chunk_rows)
+  reference     the seed's style: fp32 eager, explicit triu-mask attention, plain AdamW
+
+Peak memory is torch.cuda.max_memory_allocated over a timed epoch; on a CPU there is no such counter.
 
 MFU is model FLOPs per token (6N + attention, gpt.model.flops_per_token) x tokens/s divided by the
 matmul rate measured in this same process (bf16 on CUDA, fp32 on CPU).
 
   python bench/train_speed.py                 # GPU: seed config (configs/gpt2-128.yaml), batch 64
-  python bench/train_speed.py --config configs/tiny.yaml --batch-size 16 --steps 5   # CPU check
+  python bench/train_speed.py --config configs/tiny.yaml --batch-size 16 --steps 5 --loss-chunk-rows 128  # CPU
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed epoch")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per variant, interleaved")
+    parser.add_argument("--loss-chunk-rows", type=int, default=1024, help="model.loss_chunk_rows of chunked-loss")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     base = config_module.load(args.config, [f"train.batch_size={args.batch_size}", *args.overrides])
@@ -83,6 +87,7 @@ def main() -> None:
     variants = {
         "default": [],
         "dropout0": ["model.dropout=0"],
+        "chunked-loss": [f"model.loss_chunk_rows={args.loss_chunk_rows}"],
         "reference": ["train.precision=fp32", "train.compile=false"],
     }
     trainers = {}
@@ -110,19 +115,21 @@ def main() -> None:
             seconds = time.perf_counter() - started
             rates[name].append(args.steps * args.batch_size * base.window_length / seconds)
             del metrics
-            peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")
+            if on_cuda:
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
     peak_rate = matmul_rate(device, torch.bfloat16 if on_cuda else torch.float32, 8192 if on_cuda else 1024)
     flops = flops_per_token(base.model, base.window_length)
     device_name = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}, torch {torch.__version__}")
     print(f"config: {args.config} batch {args.batch_size}, context {base.window_length}, {flops / 6e6:.1f}M params")
     print(f"matmul rate measured here: {peak_rate / 1e12:.2f} TFLOP/s ({'bf16' if on_cuda else 'fp32'})")
-    print(f"{'variant':10s} {'tokens/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'vs ref':>7s} {'warm-up s':>10s}")
+    print(f"{'variant':12s} {'tokens/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'vs ref':>7s} {'warm-up s':>10s}")
     reference = statistics.median(rates["reference"])
     for name, values in rates.items():
         rate = statistics.median(values)
         mfu = rate * flops / peak_rate
-        print(f"{name:10s} {rate:12,.0f} {mfu:7.1%} {peaks[name]:9.2f} {rate / reference:6.2f}x {warmup[name]:10.1f}")
+        peak = f"{peaks[name]:.2f}" if name in peaks else "n/a"
+        print(f"{name:12s} {rate:12,.0f} {mfu:7.1%} {peak:>9s} {rate / reference:6.2f}x {warmup[name]:10.1f}")
 
 
 if __name__ == "__main__":

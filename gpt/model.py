@@ -112,6 +112,80 @@ class Block(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """LM head + mean cross-entropy over row chunks, with the gradients computed in the forward.
+
+    Each chunk's logits live only while that chunk is processed: the forward turns them into the
+    chunk's loss and, when a gradient is wanted, straight into the gradients of the hidden rows and
+    the head weight, which backward only scales. Matmuls run in `compute_dtype` (the autocast dtype,
+    as the plain path's lm_head), the softmax in fp32 (as its .float()), and the weight gradient is
+    summed over chunks in fp32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        vocab_size: int,
+        chunk_rows: int,
+        compute_dtype: torch.dtype,
+        need_grad: bool,
+    ) -> torch.Tensor:
+        rows = hidden.size(0)
+        # the padded head keeps its width in the matmuls (a multiple of 64, as the plain path's lm_head);
+        # its padded columns are left out of the softmax and get no gradient
+        head = weight.to(compute_dtype)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, rows, chunk_rows):
+            chunk = hidden[start : start + chunk_rows].to(compute_dtype)
+            target = targets[start : start + chunk_rows, None]
+            logits = (chunk @ head.T).float()
+            real = logits[:, :vocab_size]
+            norm = torch.logsumexp(real, dim=1, keepdim=True)
+            loss += (norm - real.gather(1, target)).sum()
+            if grad_hidden is None or grad_weight is None:
+                continue
+            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / rows, built in place of the logits
+            grad_logits = logits.sub_(norm).exp_()
+            grad_logits[:, vocab_size:] = 0.0
+            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
+            grad_logits = grad_logits.mul_(1.0 / rows).to(compute_dtype)
+            grad_hidden[start : start + chunk_rows] = grad_logits @ head
+            grad_weight += grad_logits.T @ chunk
+        if grad_hidden is not None and grad_weight is not None:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / rows
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` over the first vocab_size columns, chunk_rows rows at a time.
+
+    Equals F.cross_entropy(F.linear(hidden, weight)[:, :vocab_size].float(), targets), autocast included.
+    """
+    device = hidden.device.type
+    # autocast is off inside the Function, so that every dtype there is chosen explicitly: matmuls in the
+    # autocast dtype (as the plain path's lm_head), softmax and sums in fp32 (as its .float())
+    if torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = weight.dtype
+    # validation (no_grad) skips the gradient work: two of the head's three matmuls
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return ChunkedCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_rows, compute_dtype, need_grad)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -168,6 +242,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, length, vocab_size) or, given targets, the mean cross-entropy loss."""
+        if targets is not None and self.cfg.loss_chunk_rows > 0:
+            hidden = self.hidden(idx).flatten(0, 1)
+            return chunked_cross_entropy(
+                hidden, self.lm_head.weight, targets.flatten(), self.cfg.vocab_size, self.cfg.loss_chunk_rows
+            )
         logits = self.lm_head(self.hidden(idx))[..., : self.cfg.vocab_size]
         if targets is None:
             return logits

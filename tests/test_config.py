@@ -292,6 +292,11 @@ def test_dropout_outside_unit_interval_names_the_key(dropout):
     assert "model.dropout" in load_error(f"model.dropout={dropout}")
 
 
+def test_negative_loss_chunk_rows_names_the_key():
+    assert "model.loss_chunk_rows" in load_error("model.loss_chunk_rows=-1")
+    assert config.load(None).model.loss_chunk_rows == 0, "the full-logits loss stays the default"
+
+
 @pytest.mark.parametrize("override", ["train.lr=0", "train.lr=-0.001"])
 def test_non_positive_lr_names_the_key(override):
     assert "train.lr" in load_error(override)
