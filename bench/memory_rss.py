@@ -1,7 +1,8 @@
 """Memory across epochs: the process's resident set size (RSS) after each epoch of a tiny training run.
 
-python bench/memory_rss.py                       # 50 tiny epochs on The Verdict, every epoch sampled, plotted,
-                                                 # logged and checkpointed, into a throw-away SQLite store
+python bench/memory_rss.py                       # 50 tiny epochs on The Verdict, every epoch sampled and
+                                                 # checkpointed (metrics and plot as train.py throttles them:
+                                                 # at most every 1 s and 10 s), into a throw-away SQLite store
 python bench/memory_rss.py --epochs 100 --data book.txt --print-every 10
 
 Each epoch end, after its metrics, samples, loss-curve plot and checkpoints were handed to the
@@ -44,6 +45,7 @@ TINY = [
     "train.batch_size=8",
     "train.log_every_steps=1",
     "train.sample_every=1",
+    "train.sample_every_s=0",  # a sample every epoch, however its cost compares with the epoch's
     "train.sample_tokens=20",
     "train.checkpoint_every_s=0",
 ]

@@ -67,6 +67,9 @@ class TrainConfig:
     log_every_steps: int = 10  # train_loss_step logged every N optimizer steps
     checkpoint_every_s: float = 600.0  # write last.pt at most this often (always at the end)
     sample_every: int = 1  # generate samples every N epochs; 0 disables
+    # samples that take over 5% of an epoch (a GPU's 50 ms epochs) come at most this often; cheaper
+    # ones (a CPU's) every sample_every epochs; always the first two and the final. 0: no time limit
+    sample_every_s: float = 10.0
     sample_prompts: list[str] = field(default_factory=lambda: ["Every effort moves you"])
     sample_tokens: int = 50
     temperature: float = 1.0
@@ -268,7 +271,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive, got {t.lr}")
-    for key in "weight_decay min_lr grad_clip checkpoint_every_s temperature warmup_steps sample_every".split():
+    keys = "weight_decay min_lr grad_clip checkpoint_every_s temperature warmup_steps sample_every sample_every_s"
+    for key in keys.split():
         if getattr(t, key) < 0:
             raise UserError(f"train.{key} must not be negative, got {getattr(t, key)}")
     choices = {

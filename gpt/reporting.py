@@ -5,9 +5,10 @@ The trainer knows nothing of these: the Reporter is its observer, the ProgressBa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,36 @@ from gpt.config import Config
 from gpt.sampling import sample_text
 from gpt.tracking import Tracker
 from gpt.trainer import EpochMetrics, StepPoints, Trainer
+
+METRICS_EVERY_S = 1.0  # metric points are spooled (an fsync, ~1-5 ms) at most this often
+PLOT_EVERY_S = 10.0  # the loss curve is redrawn at most this often (~0.1 s of the sender's CPU and the GIL)
+SAMPLE_SHARE = 0.05  # samples that take at most this share of an epoch are not throttled by time
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], activity: str) -> Iterator[None]:
+    """Add the block's wall time to seconds[activity] (perf_counter: ~100 ns, cheap enough for every epoch)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[activity] = seconds.get(activity, 0.0) + time.perf_counter() - started
+
+
+def snapshot(value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """A copy of a checkpoint payload that training cannot change: tensors cloned (on their device),
+    containers rebuilt. copy.deepcopy does the same at ~75 us a tensor, ~50 ms for the seed model and
+    its AdamW state: as long as a GPU epoch. Tensors shared in the payload (tied weights) stay shared."""
+    memo = {} if memo is None else memo
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = value.detach().clone()
+        return memo[id(value)]
+    if isinstance(value, dict):
+        return {key: snapshot(item, memo) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(snapshot(item, memo) for item in value)
+    return copy.deepcopy(value)
 
 
 class Checkpoints:
@@ -35,6 +66,11 @@ class Checkpoints:
         self.last_write = time.monotonic()
         self.best_payload: dict[str, Any] | None = None
         self.written = {path.name for path in folder.glob("*.pt")}  # a resumed run's earlier files count
+        # called before each write: a resume trains on from the checkpoint, so what was logged up to
+        # its epoch must be in the spool by then (the Reporter spools the metric points it holds)
+        self.before_write: Callable[[], None] | None = None
+        # timed here rather than by the Reporter, so that the writes job.py makes after training count too
+        self.seconds: dict[str, float] = {}
 
     def payload(self, trainer: Trainer) -> dict[str, Any]:
         state = trainer.state
@@ -54,18 +90,22 @@ class Checkpoints:
 
     def on_epoch(self, trainer: Trainer, improved: bool) -> None:
         if improved:
-            self.best_payload = copy.deepcopy(self.payload(trainer))  # snapshot: training goes on mutating
+            with timed(self.seconds, "best snapshots"):
+                self.best_payload = snapshot(self.payload(trainer))  # training goes on changing the tensors
         if time.monotonic() - self.last_write >= self.every_s:
             self.write(trainer)
 
     def write(self, trainer: Trainer, include_last: bool = True) -> None:
-        if include_last:
-            checkpoint.save(self.folder / "last.pt", self.payload(trainer))
-            self.written.add("last.pt")
-        if self.best_payload is not None:
-            checkpoint.save(self.folder / "best.pt", self.best_payload)
-            self.best_payload = None
-            self.written.add("best.pt")
+        if self.before_write is not None:
+            self.before_write()
+        with timed(self.seconds, "checkpoint writes"):
+            if include_last:
+                checkpoint.save(self.folder / "last.pt", self.payload(trainer))
+                self.written.add("last.pt")
+            if self.best_payload is not None:
+                checkpoint.save(self.folder / "best.pt", self.best_payload)
+                self.best_payload = None
+                self.written.add("best.pt")
         self.last_write = time.monotonic()
 
 
@@ -107,6 +147,12 @@ class Reporter:
     (checkpoints are throttled; a killed process logged epochs after its last one). Epoch metrics
     up to logged_epoch and step points up to logged_step are therefore not logged again: the
     re-trained values are the same, so the run's curves have every point exactly once.
+
+    An epoch of the seed config on a GPU takes ~50 ms, as long as a sample or a few spool fsyncs,
+    so what costs per epoch is throttled by time and always done at the final epoch: metric points
+    are spooled at most every METRICS_EVERY_S (and before any checkpoint, which a resume trains on
+    from), the loss curve redrawn at most every PLOT_EVERY_S, and samples that take more than
+    SAMPLE_SHARE of an epoch taken at most every train.sample_every_s.
     """
 
     def __init__(
@@ -123,34 +169,88 @@ class Reporter:
         self.cfg, self.tracker, self.checkpoints = cfg, tracker, checkpoints
         self.encoding, self.echo, self.title = encoding, echo, title
         self.logged_epoch, self.logged_step = logged_epoch, logged_step
-        self.seconds: dict[str, float] = {}  # wall time spent per reporting activity (metrics, samples, ...)
+        # wall time per reporting activity (metrics, samples, ...); one ledger with the checkpoints' own
+        self.seconds = checkpoints.seconds
+        self.held: list[tuple[str, float, int, int]] = []  # metric points not spooled yet
+        checkpoints.before_write = self.flush_points
+        self.history: list[dict[str, Any]] = []  # the trainer's (live) per-epoch history
+        self.plotted = 0  # epochs in the last loss curve sent
+        self.samples_taken = 0
+        self.sample_cost: float | None = None  # seconds of the cheapest epoch's samples, the first one aside
+        self.last_flush = self.last_plot = self.last_sample = time.monotonic()
 
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
-        cfg, epochs = self.cfg, self.cfg.train.epochs
+        epochs = self.cfg.train.epochs
+        final = metrics.epoch == epochs
         improved = trainer.state.best_epoch == metrics.epoch
-        points = []
-        if metrics.epoch > self.logged_epoch:
-            now = int(time.time() * 1000)
-            points = [(k, float(v), metrics.epoch, now) for k, v in metrics.as_metrics().items()]
-            self.logged_epoch = metrics.epoch
-        self.log_steps(metrics.step_losses, points)
-        self.tracker.log_loss_curve(trainer.state.history, self.title)
-        if cfg.train.sample_every and (metrics.epoch % cfg.train.sample_every == 0 or metrics.epoch == epochs):
-            self.tracker.log_text(self.samples(trainer, metrics.epoch), f"samples/epoch_{metrics.epoch:03d}.txt")
+        with timed(self.seconds, "metrics"):
+            if metrics.epoch > self.logged_epoch:
+                now = int(time.time() * 1000)
+                self.held += [(k, float(v), metrics.epoch, now) for k, v in metrics.as_metrics().items()]
+                self.logged_epoch = metrics.epoch
+            self.hold_steps(metrics.step_losses)
+        if final or time.monotonic() - self.last_flush >= METRICS_EVERY_S:
+            self.flush_points()
+        self.history = trainer.state.history
+        if final or time.monotonic() - self.last_plot >= PLOT_EVERY_S:
+            self.plot()
+        if self.sample_due(metrics):
+            with timed(self.seconds, "samples"):
+                started = time.perf_counter()
+                text = self.samples(trainer, metrics.epoch)
+                self.tracker.log_text(text, f"samples/epoch_{metrics.epoch:03d}.txt")
+                cost = time.perf_counter() - started
+            self.samples_taken += 1
+            if self.samples_taken > 1:  # the first also warms the decoding path up
+                self.sample_cost = cost if self.sample_cost is None else min(self.sample_cost, cost)
+            self.last_sample = time.monotonic()
         self.checkpoints.on_epoch(trainer, improved)
         val = f"{metrics.val_loss:.3f}" if metrics.val_loss is not None else "-"
-        self.echo(
-            f"epoch {metrics.epoch}/{epochs}  train {metrics.train_loss:.3f}  val {val}  "
-            f"{metrics.tokens_per_second:,.0f} tokens/s  {metrics.epoch_seconds:.1f} s"
-        )
+        with timed(self.seconds, "summary line"):
+            self.echo(
+                f"epoch {metrics.epoch}/{epochs}  train {metrics.train_loss:.3f}  val {val}  "
+                f"{metrics.tokens_per_second:,.0f} tokens/s  {metrics.epoch_seconds:.1f} s"
+            )
 
-    def log_steps(self, step_losses: StepPoints, points: Sequence[tuple[str, float, int, int]] = ()) -> None:
-        """Log the train_loss_step points after logged_step (with `points`, as one batch)."""
+    def log_steps(self, step_losses: StepPoints) -> None:
+        """Training stopped early: log these step points and send everything the throttles held back."""
+        self.hold_steps(step_losses)
+        self.flush_points()
+        if len(self.history) > self.plotted:
+            self.plot()
+
+    def hold_steps(self, step_losses: StepPoints) -> None:
+        """Hold the train_loss_step points after logged_step for the next flush."""
         now = int(time.time() * 1000)
         new = [("train_loss_step", loss, step, now) for step, loss in step_losses if step > self.logged_step]
         if new:
             self.logged_step = new[-1][2]
-        self.tracker.log_points([*points, *new])
+        self.held += new
+
+    def flush_points(self) -> None:
+        """Spool the held metric points as one batch (one fsync)."""
+        with timed(self.seconds, "metrics"):
+            self.tracker.log_points(self.held)
+            self.held = []
+        self.last_flush = time.monotonic()
+
+    def plot(self) -> None:
+        """Queue the loss curve of the epochs so far; the tracker's sender thread draws it."""
+        with timed(self.seconds, "plot"):
+            self.tracker.log_loss_curve(self.history, self.title)
+        self.plotted = len(self.history)
+        self.last_plot = time.monotonic()
+
+    def sample_due(self, metrics: EpochMetrics) -> bool:
+        """Samples every sample_every epochs while they are cheap next to an epoch, else at most every
+        sample_every_s; always at the final epoch and the first two times (warm-up, then their cost)."""
+        t = self.cfg.train
+        final = metrics.epoch == t.epochs
+        if not t.sample_every or (metrics.epoch % t.sample_every and not final):
+            return False
+        if final or self.sample_cost is None or self.sample_cost <= SAMPLE_SHARE * metrics.epoch_seconds:
+            return True
+        return time.monotonic() - self.last_sample >= t.sample_every_s
 
     def samples(self, trainer: Trainer, epoch: int) -> str:
         t = self.cfg.train

@@ -27,7 +27,15 @@ from gpt.trainer import TrainState
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 # What a resumed run may change: how long it trains, and where and how often it reports. Any other
 # key would make the run's logged params describe something it did not train.
-RESUMABLE_KEYS = ("train.epochs", "train.device", "train.compile", "train.checkpoint_every_s", "train.sample_every")
+RESUMABLE_KEYS = (
+    "train.epochs",
+    "train.device",
+    "train.compile",
+    "train.checkpoint_every_s",
+    "train.sample_every",
+    "train.sample_every_s",
+    "model.loss_chunk_rows",
+)
 PROGRESS_KEYS = ("train_loss", "train_loss_step")  # the metrics whose last step says how far a run has logged
 
 

@@ -302,9 +302,16 @@ def test_non_positive_lr_names_the_key(override):
     assert "train.lr" in load_error(override)
 
 
-@pytest.mark.parametrize("key", ["weight_decay", "grad_clip", "temperature", "warmup_steps", "sample_every"])
+@pytest.mark.parametrize(
+    "key", ["weight_decay", "grad_clip", "temperature", "warmup_steps", "sample_every", "sample_every_s"]
+)
 def test_negative_train_settings_name_the_key(key):
     assert f"train.{key}" in load_error(f"train.{key}=-1")
+
+
+def test_sample_every_s_takes_whole_seconds_and_zero():
+    assert config.load(None, ["train.sample_every_s=0"]).train.sample_every_s == 0.0
+    assert config.load(None, ["train.sample_every_s=30"]).train.sample_every_s == 30.0
 
 
 @pytest.mark.parametrize(

@@ -193,6 +193,8 @@ def test_cell_ids_ignore_keys_that_do_not_change_the_experiment(tmp_path):
         "train.compile=true",
         "train.log_every_steps=1",
         "train.sample_every=0",
+        "train.sample_every_s=0",
+        "model.loss_chunk_rows=64",
         "train.checkpoint_every_s=1",
         "train.sample_prompts=Hello",
         "train.sample_tokens=5",

@@ -27,11 +27,13 @@ DESIGNS = ("grid", "one-at-a-time")
 # Keys that change how a run is executed or logged, not what it learns: they do not enter the cell id,
 # so re-running a grid on another device or with other logging settings finds the same cells.
 IGNORED_KEYS = (
+    "model.loss_chunk_rows",  # how the loss is computed, not what: like train.compile
     "train.device",
     "train.compile",
     "train.log_every_steps",
     "train.checkpoint_every_s",
     "train.sample_every",
+    "train.sample_every_s",
     "train.sample_prompts",
     "train.sample_tokens",
 )
