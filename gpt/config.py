@@ -170,6 +170,12 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     return cfg
 
 
+def get_key(cfg: Config, dotted: str) -> Any:
+    """The value of `section.key` as set on cfg (the key is known to exist)."""
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(cfg, section), key)
+
+
 def set_key(cfg: Config, dotted: str, value: Any, parse: bool) -> None:
     """Set `section.key` on cfg, converting and type-checking the value."""
     section, _, key = dotted.partition(".")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.config import Config, set_key, validate
+from gpt.config import Config, get_key, set_key, validate
 from gpt.data import count_windows, window_stats
 from gpt.errors import UserError
 from gpt.model import count_parameters, flops_per_token
@@ -144,7 +144,7 @@ def _base_level(base: Config, factor: Factor) -> tuple[Any, str]:
     for value, label in zip(factor.values, factor.labels, strict=True):
         if _effective(_with(base, factor.key, value), factor.key) == effective:
             return value, label
-    raw = config_value(base, factor.key)
+    raw = get_key(base, factor.key)
     if factor.key == "data.stride" and raw is None:
         return raw, "1x"
     return raw, format_level(effective)
@@ -165,13 +165,7 @@ def _effective(cfg: Config, key: str) -> Any:
             return cfg.window_stride
         except UserError:
             return cfg.data.stride
-    return config_value(cfg, key)
-
-
-def config_value(cfg: Config, key: str) -> Any:
-    """The value of a dotted key as set on the config."""
-    section, name = key.split(".", 1)
-    return getattr(getattr(cfg, section), name)
+    return get_key(cfg, key)
 
 
 # ---------------------------------------------------------------- expansion

@@ -26,8 +26,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt.ablation.grid import DESIGNS, Factor, GridSpec, config_value, format_level
-from gpt.config import SECTIONS, Config, apply_overrides, from_dict, read_yaml, resolve_stride, set_key, yaml_scalar
+from gpt.ablation.grid import DESIGNS, Factor, GridSpec, format_level
+from gpt.config import (
+    SECTIONS,
+    Config,
+    apply_overrides,
+    from_dict,
+    get_key,
+    read_yaml,
+    resolve_stride,
+    set_key,
+    yaml_scalar,
+)
 from gpt.errors import UserError
 
 GRID_KEYS = ("name", "base", "config", "data", "vary", "seeds", "design", "set")
@@ -193,7 +203,7 @@ def _factor(key: str, levels: Any, where: str) -> Factor:
             set_key(scratch, key, copy.deepcopy(level), parse=False)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
-        value = config_value(scratch, key)
+        value = get_key(scratch, key)
         if key == "data.stride" and isinstance(value, str):
             try:
                 resolve_stride(value, 1)
