@@ -8,7 +8,8 @@ python train.py --replay mlruns/local/<run_id>     # send what a run could not d
 torchrun --nproc_per_node=4 train.py --config ...  # data-parallel over 4 GPUs; train.batch_size is the global batch
 
 Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 non-finite loss, 4 tracking left undelivered
-(replay it), 130/143 stopped by Ctrl-C/SIGTERM (resume it).
+(replay it), 130/143 stopped by Ctrl-C/SIGTERM (resume it). Under torchrun these are rank 0's; torchrun
+itself exits 1 for any of them, and rank 0's `status:` line says which.
 $GPT_TRACKING_TIMEOUT: seconds a finished run waits for a slow or absent tracking server (default 120).
 """
 

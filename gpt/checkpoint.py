@@ -41,7 +41,8 @@ def rng_state() -> dict[str, Any]:
         },
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the current (training) device's generator only: a checkpoint from an 8-GPU node resumes on one
+        state["cuda"] = torch.cuda.get_rng_state()
     if torch.backends.mps.is_available():
         state["mps"] = torch.mps.get_rng_state()
     return state
@@ -59,7 +60,7 @@ def set_rng_state(state: dict[str, Any], source: str = "checkpoint") -> None:
             keys = n["keys"].numpy().astype(np.uint32)
             np.random.set_state((n["kind"], keys, n["position"], n["has_gauss"], n["gauss"]))
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state(state["cuda"])
         if "mps" in state and torch.backends.mps.is_available():
             torch.mps.set_rng_state(state["mps"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:

@@ -14,6 +14,7 @@ import atexit
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -111,4 +112,4 @@ def seed_rank(ranks: Ranks, seed: int, step: int) -> None:
     Rank 0 keeps the stream a checkpoint restores, so one process reproduces a single-process run.
     """
     if ranks.rank:
-        torch.manual_seed(seed * 1_000_003 + ranks.rank * 7_919 + step)
+        torch.manual_seed(int(np.random.SeedSequence([seed, ranks.rank, step]).generate_state(1)[0]))

@@ -264,18 +264,23 @@ def train(
 
 
 def _follow(trainer: Trainer) -> JobResult:
-    """Train as a rank other than 0: the same steps, and nothing tracked or saved (rank 0 does that)."""
-    status, exit_code = "FINISHED", 0
-    with StopOnSignal(trainer) as stopper:
+    """Train as a rank other than 0: the same steps, and nothing tracked or saved (rank 0 does that).
+
+    The exit code is 0 whatever the status: torchrun ends every process as soon as one exits non-zero,
+    and rank 0, which stopped at the same step, may still be writing the checkpoint. Rank 0's exit
+    code is the run's.
+    """
+    status = "FINISHED"
+    with StopOnSignal(trainer):
         try:
             trainer.fit()
         except Interrupted:
-            status, exit_code = "KILLED", stopper.exit_code
+            status = "KILLED"
         except NonFiniteLoss:
-            status, exit_code = "FAILED", 3
+            status = "FAILED"
     s = trainer.state
     final_val = next((row["val_loss"] for row in reversed(s.history) if row["val_loss"] is not None), None)
-    return JobResult("", "", status, s.best_val_loss, s.best_epoch, final_val, exit_code=exit_code)
+    return JobResult("", "", status, s.best_val_loss, s.best_epoch, final_val)
 
 
 def _train_run(
@@ -292,6 +297,7 @@ def _train_run(
     cfg, run_id, uri = prepared.cfg, run.info.run_id, absolute_uri(client.tracking_uri)
     tracker = Tracker(client, run_id, local_dir)
     status, message, exit_code = "FINISHED", "", 0
+    reporter: Reporter | None = None
     try:  # the outer try also ends the run when a handler below fails (a full disk while saving)
         try:
             (local_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
@@ -333,6 +339,8 @@ def _train_run(
             options.echo("stopped at once, without a checkpoint; the run ends KILLED")
             tracker.close("KILLED", timeout=1.0, notify=options.echo)
         else:
+            if reporter is not None:
+                reporter.salvage(trainer)
             tracker.close("FAILED", timeout=30.0, notify=options.echo)
         raise
     stopper.immediate = True  # training is over: a signal now only stops the wait for delivery

@@ -37,15 +37,24 @@ def timed(seconds: dict[str, float], activity: str) -> Iterator[None]:
         seconds[activity] = seconds.get(activity, 0.0) + time.perf_counter() - started
 
 
-def snapshot(value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
+def snapshot(value: Any, memo: dict[tuple, torch.Tensor] | None = None) -> Any:
     """A copy of a checkpoint payload that training cannot change: tensors cloned (on their device),
     containers rebuilt. copy.deepcopy does the same at ~75 us a tensor, ~50 ms for the seed model and
-    its AdamW state: as long as a GPU epoch. Tensors shared in the payload (tied weights) stay shared."""
+    its AdamW state: as long as a GPU epoch. Views of the same memory (tied weights: state_dict gives
+    the embedding and the head as two tensor objects over one storage) stay one tensor."""
     memo = {} if memo is None else memo
     if isinstance(value, torch.Tensor):
-        if id(value) not in memo:
-            memo[id(value)] = value.detach().clone()
-        return memo[id(value)]
+        view = (
+            value.device,
+            value.untyped_storage().data_ptr(),
+            value.storage_offset(),
+            tuple(value.shape),
+            tuple(value.stride()),
+            value.dtype,
+        )
+        if view not in memo:
+            memo[view] = value.detach().clone()
+        return memo[view]
     if isinstance(value, dict):
         return {key: snapshot(item, memo) for key, item in value.items()}
     if type(value) in (list, tuple):
@@ -218,6 +227,17 @@ class Reporter:
         self.flush_points()
         if len(self.history) > self.plotted:
             self.plot()
+
+    def salvage(self, trainer: Trainer) -> None:
+        """After a crash: spool the held metric points and write the best model waiting in memory.
+
+        Best effort, each on its own: the crash may have come from these very writes (a full disk),
+        and the run must still be ended.
+        """
+        with contextlib.suppress(Exception):
+            self.flush_points()
+        with contextlib.suppress(Exception):
+            self.checkpoints.write(trainer, include_last=False)  # the weights may be mid-step: only best.pt
 
     def hold_steps(self, step_losses: StepPoints) -> None:
         """Hold the train_loss_step points after logged_step for the next flush."""

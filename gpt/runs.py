@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -70,12 +72,16 @@ def find_checkpoint(run_id: str, which: str = "best", tracking_uri: str | None =
         local = local_artifact_dir(run.info.artifact_uri)
         if local is not None:
             return local / artifact
-        target = default_cache_dir() / "checkpoints" / run_id
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact, tracking_uri=client.tracking_uri, dst_path=str(target)
+        target = default_cache_dir() / "checkpoints" / run_id / artifact
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # each process downloads into its own folder and moves the file into place: torchrun's ranks
+        # resuming at once never read a half-written checkpoint
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as staging:
+            fetched = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, tracking_uri=client.tracking_uri, dst_path=staging
             )
-        )
+            os.replace(fetched, target)
+        return target
     except (MlflowException, OSError) as exc:
         raise UserError(f"cannot fetch {artifact} of run {run_id}: {_reason(exc)}") from None
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from gpt.trainer import Trainer
+
+# Under torchrun a terminal's Ctrl-C (or a scheduler's signal to the job) reaches every rank, and torchrun
+# forwards its own copy a moment later: a second signal this soon is the same request, not a second one.
+FORWARDED_WITHIN_S = 5.0
 
 
 def _notice(text: str) -> None:
@@ -28,6 +34,7 @@ class StopOnSignal:
 
     def __init__(self, trainer: Trainer):
         self.trainer, self.signal_number, self.immediate = trainer, 0, False
+        self.last_signal = -math.inf
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -45,6 +52,10 @@ class StopOnSignal:
         return 128 + (self.signal_number or signal.SIGINT)  # a stop asked for in code counts as Ctrl-C
 
     def _handle(self, number: int, frame: object) -> None:
+        now = time.monotonic()
+        if self.trainer.ranks.active and now - self.last_signal < FORWARDED_WITHIN_S:
+            return
+        self.last_signal = now
         if self.signal_number or self.immediate:
             raise SystemExit(128 + number)
         self.signal_number = number

@@ -174,7 +174,10 @@ class Trainer:
         self.step_forward = self.forward
         if self.ranks.active:
             device_ids = [device.index] if device.type == "cuda" else None
-            self.step_forward = DistributedDataParallel(self.forward, device_ids=device_ids)
+            ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+            # compile the DDP module rather than wrap a compiled one: the compiler then splits the graph
+            # at DDP's gradient buckets, so their all-reduces overlap the rest of the backward pass
+            self.step_forward = torch.compile(ddp) if use_compile else ddp
         self.stop_requested = False
         self.observers: list[Observer] = []
         # called after every step with (epoch, batches done, batches in epoch, this rank's loss on the device)

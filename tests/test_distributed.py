@@ -8,6 +8,8 @@ process with the same train.batch_size, and the run must resume with a different
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, TINY_TRAIN, free_port, last_run_id, run_train, subprocess_env
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from gpt.config import Config
@@ -122,16 +125,12 @@ def single_process(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -
     return curves(uri, last_run_id(output))
 
 
-def torchrun(args: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    return subprocess.run(
-        [*command, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = subprocess_env()
+    return subprocess.run([*TORCHRUN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_ranks_train_like_one_process_into_one_run_that_resumes_on_one(
@@ -162,3 +161,42 @@ def test_two_ranks_train_like_one_process_into_one_run_that_resumes_on_one(
         assert [step for step, _ in resumed[key]] == [1, 2, 3]
         assert resumed[key][2][1] == pytest.approx(single_process[key][2][1], rel=1e-4), key
     assert len(client.search_runs([runs[0].info.experiment_id])) == 1
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_with_a_checkpoint_that_resumes(
+    single_process: dict[str, list], tmp_path: Path, one_thread: None
+) -> None:
+    """A terminal's Ctrl-C reaches torchrun and every rank at once, and torchrun forwards its own copy:
+    that is one stop, not the 'second Ctrl-C' that exits without a checkpoint."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    launched = subprocess.Popen(
+        [*TORCHRUN, *TINY_TRAIN, *BATCH, "--epochs", "3", "--tracking-uri", uri],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    output = []
+    for line in launched.stdout:
+        output.append(line)
+        if line.startswith("epoch 1/3"):
+            os.killpg(launched.pid, signal.SIGINT)
+            break
+    rest, _ = launched.communicate(timeout=300)
+    text = "".join(output) + rest
+    assert "status: KILLED" in text and "stopped at once" not in text, text
+    # torchrun ends with its own traceback of the signal; rank 0's lines come before it
+    run_id = re.search(r"^run_id: ([0-9a-f]{32})$", text, re.MULTILINE).group(1)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == RunStatus.to_string(RunStatus.KILLED)
+
+    code, output_resumed = run_train(["--resume", run_id, "--tracking-uri", uri])
+    assert code == 0, output_resumed
+    resumed = curves(uri, run_id)
+    for key in KEYS:
+        assert [step for step, _ in resumed[key]] == [1, 2, 3]
+        expected = [value for _, value in single_process[key]]
+        assert [value for _, value in resumed[key]] == pytest.approx(expected, rel=1e-4), key

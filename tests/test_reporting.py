@@ -252,3 +252,13 @@ def test_snapshot_copies_tensors_and_keeps_shared_ones_shared() -> None:
     assert torch.equal(copied["model"]["tok_emb.weight"], torch.ones(3))
     assert copied["model"]["tok_emb.weight"] is copied["model"]["out_head.weight"], "tied weights saved once"
     assert copied["rng"] == payload["rng"] and copied["rng"][1] is not payload["rng"][1]
+
+
+def test_snapshot_of_a_tied_model_keeps_one_matrix() -> None:
+    cfg = Config()
+    cfg.model.vocab_size, cfg.model.context_length, cfg.model.emb_dim = 64, 8, 16
+    cfg.model.n_heads, cfg.model.n_layers, cfg.model.tie_weights = 2, 1, True
+    state = GPT(cfg.model).state_dict()
+    assert state["tok_emb.weight"] is not state["lm_head.weight"], "state_dict gives two tensor objects"
+    copied = snapshot(state)
+    assert copied["tok_emb.weight"] is copied["lm_head.weight"], "one storage before, one after"

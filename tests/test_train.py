@@ -17,6 +17,7 @@ from gpt import checkpoint
 from gpt.config import from_dict
 from gpt.data import Windows, build_corpus
 from gpt.model import GPT
+from gpt.runs import find_checkpoint
 from gpt.tokenizer import get_encoding
 
 EPOCH_METRICS = (
@@ -144,6 +145,10 @@ def test_training_against_a_real_mlflow_server(mlflow_server: MlflowServer, tmp_
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2]
     names = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert names == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    # fetched from the server into the cache, as generate.py and --resume do, with no download left behind
+    fetched = find_checkpoint(run_id, "last", mlflow_server.url)
+    assert checkpoint.load(fetched)["state"]["epoch"] == 2
+    assert [path.name for path in fetched.parent.iterdir()] == ["last.pt"]
 
 
 def test_from_dict_round_trips_the_logged_config(finished_run: tuple[str, str, str]) -> None:
