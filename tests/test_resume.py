@@ -246,3 +246,23 @@ def test_absurd_learning_rate_fails_in_the_first_epoch(tmp_path: Path) -> None:
     run_id = last_run_id(output)
     assert status(uri, run_id) == "FAILED"
     assert not any(a.path.endswith("best.pt") for a in MlflowClient(uri).list_artifacts(run_id, "checkpoints"))
+
+
+def test_a_crash_ends_the_run_failed_and_writes_the_best_model_it_held(tmp_path: Path, monkeypatch) -> None:
+    """Checkpoints are throttled, so an improved model waits in memory; a crash must not take it along."""
+    learning_rate = gpt.trainer.learning_rate
+
+    def crashes_in_epoch_2(cfg, step: int, total_steps: int) -> float:
+        if step >= STEPS_PER_EPOCH + 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return learning_rate(cfg, step, total_steps)
+
+    monkeypatch.setattr(gpt.trainer, "learning_rate", crashes_in_epoch_2)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, output = run_train([*FAST, "--epochs", "3", "--set", "train.checkpoint_every_s=600", "--tracking-uri", uri])
+
+    assert code == 1 and "RuntimeError: CUDA out of memory (simulated)" in output, output
+    run_id = only_run(uri)
+    assert status(uri, run_id) == "FAILED"
+    assert checkpoint.load(find_checkpoint(run_id, "best", uri))["state"]["epoch"] == 1
+    assert [step for step, _ in curves(uri, run_id)["val_loss"]] == [1], "the held epoch-1 metrics were sent"
