@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
-from gpt.ablation.runner import RunnerOptions, close_parent, parse_shard, run_grid
+from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
 from gpt.ablation.slurm import SlurmOptions, check, job_script
+from gpt.ablation.workers import parse_shard
 from gpt.cli import friendly_errors
 from gpt.data import build_corpus
 from gpt.errors import UserError

@@ -5,7 +5,7 @@
   python bench/grid_packing.py --device cpu --per-gpu 2 --steps 4 --batch-size 8   # a quick check on a CPU
 
 Each cell trains its own model (seed 0, 1, ...) over random tokens, in a spawned worker process set
-up the way `ablate.py run --gpus 0 --per-gpu K` sets up its workers (gpt.ablation.runner.init_worker:
+up the way `ablate.py run --gpus 0 --per-gpu K` sets up its workers (gpt.ablation.workers.init_worker:
 CUDA_VISIBLE_DEVICES pinned to the GPU, the CPU threads shared out). A cell first trains one
 untimed warm-up epoch (CUDA context, allocator, torch.compile), then times one epoch of `steps`
 optimizer steps.
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt import config as config_module  # noqa: E402
-from gpt.ablation.runner import gpu_slots, init_worker  # noqa: E402
+from gpt.ablation.workers import gpu_slots, init_worker  # noqa: E402
 from gpt.data import Corpus  # noqa: E402
 from gpt.model import GPT, count_parameters  # noqa: E402
 from gpt.trainer import Trainer, resolve_device  # noqa: E402

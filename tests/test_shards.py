@@ -19,8 +19,10 @@ from mlflow.tracking import MlflowClient
 
 import ablate
 from gpt.ablation import runner
+from gpt.ablation.claims import CLAIM_START_S, CLAIM_TAG, judge, take_claim
 from gpt.ablation.grid import Cell
 from gpt.ablation.grid_file import load_grid
+from gpt.ablation.workers import gpu_slots
 from gpt.config import Config
 from gpt.errors import UserError
 
@@ -161,7 +163,7 @@ def test_racing_shards_share_one_parent_and_one_claim_per_cell(server: MlflowSer
         experiment_id = client.get_run(parent_id).info.experiment_id
         barrier.wait()  # every shard has settled on its parent: now all claim the one cell at once
         token = f"{socket.gethostname()} {os.getpid()} {time.time():.3f} worker{number}"
-        reason = runner.take_claim(client, experiment_id, parent_id, cell, token, options.started)
+        reason = take_claim(client, experiment_id, parent_id, cell, token, options.started)
         claims.append((token, reason))
 
     threads = [threading.Thread(target=shard, args=(n,)) for n in range(6)]
@@ -220,7 +222,7 @@ def test_packing_cells_needs_the_gpus_named(tmp_path: Path) -> None:
 
 
 def fake_run(status: str, token: str = "", host: str = "", pid: int = 0, start: int = 1000) -> Run:
-    tags = {runner.CLAIM_TAG: token, "ablation.host": host, "ablation.pid": str(pid)}
+    tags = {CLAIM_TAG: token, "ablation.host": host, "ablation.pid": str(pid)}
     info = RunInfo(f"run{start}", "1", "", status, start, None, "active")
     return Run(info, RunData(tags=[RunTag(k, v) for k, v in tags.items()]))
 
@@ -239,20 +241,20 @@ def test_a_cell_state_follows_its_latest_claim() -> None:
         ({0: mine}, [], "RUNNING"),  # claimed, its run not created yet
         ({0: dead}, [], "FAILED"),  # ... and its process is gone
         ({0: "elsewhere 1 100.0 c"}, [], "RUNNING"),  # another machine's process is assumed alive
-        ({0: "elsewhere 1 100.0 c"}, [], "FAILED", 100.0 + runner.CLAIM_START_S + 1),  # ... unless its run never came
+        ({0: "elsewhere 1 100.0 c"}, [], "FAILED", 100.0 + CLAIM_START_S + 1),  # ... unless its run never came
         ({0: mine}, [fake_run("RUNNING", mine, here, me)], "RUNNING"),
         ({0: dead}, [fake_run("RUNNING", dead, here, dead_pid())], "FAILED"),
         ({0: mine}, [fake_run("KILLED", mine, here, me)], "FAILED"),
         ({0: mine, 1: dead}, [fake_run("FINISHED", mine, here, me)], "DONE"),
     ]
     for claims, runs, status, *later in cases:
-        state = runner.judge(claims, runs, now=later[0] if later else 200.0)
+        state = judge(claims, runs, now=later[0] if later else 200.0)
         assert state.status == status, f"claims {claims}, runs {[r.info.status for r in runs]}: {state}"
         assert state.next_attempt == len(claims)
 
 
 def test_gpu_ids_count_within_the_visible_gpus() -> None:
-    assert runner.gpu_slots([0, 1], 2) == ["0", "0", "1", "1"]
-    assert runner.gpu_slots([0, 1], 1, "3,5") == ["3", "5"], "under Slurm, --gpus 0 is the job's first GPU"
+    assert gpu_slots([0, 1], 2) == ["0", "0", "1", "1"]
+    assert gpu_slots([0, 1], 1, "3,5") == ["3", "5"], "under Slurm, --gpus 0 is the job's first GPU"
     with pytest.raises(UserError, match="only 2 GPU"):
-        runner.gpu_slots([2], 1, "3,5")
+        gpu_slots([2], 1, "3,5")

@@ -1,1 +1,2 @@
-"""Ablation grids: expansion and identity (grid), running (runner), analysis (analysis)."""
+"""Ablation grids: files (grid_file), cells and identity (grid), running (runner, claims, workers, slurm),
+analysis (analysis, stats) and the report (report, plots)."""

@@ -1,19 +1,7 @@
 """Running a grid: one parent MLflow run, a nested child run per cell, resumable, on many processes and machines.
 
-Claims. Before training a cell a worker claims it with one atomic write to the tracking store: the
-parent run's param `claim.<cell id>.<n>` = a token naming the worker (host, pid, time, nonce). MLflow
-params are write-once (the store rejects a different value for a logged key inside its transaction),
-so of any number of workers that reach a cell at once, on any machines, exactly one holds attempt n.
-The run the winner trains carries the same token in its tag `ablation.claim`. From the parent's
-claims and the cell's child runs, a cell is
-  DONE     when one of its runs FINISHED,
-  RUNNING  while its latest claim's process is alive (one on another machine always counts as alive;
-           a claim whose run never appeared counts as dead after CLAIM_START_S),
-  FAILED   when that run FAILED or was KILLED, or its process died,
-  UNTRIED  when nobody claimed it yet.
-A worker takes UNTRIED cells and cells that failed before its own process started (a grid run again
-retries them), and leaves the others alone. So running a grid again skips finished cells, and shards
-on many machines, or the same shard started twice, never train one cell twice.
+Which cells a worker may train is settled by claims on the parent run (gpt.ablation.claims); this
+process's shard of the cells, and each worker process's GPU and CPU threads, by gpt.ablation.workers.
 
 The parent. Shards starting together may each create the grid's parent run. The oldest parent
 (start time, then run id) is the grid's and the others are deleted by their creators. A parent is
@@ -29,14 +17,12 @@ cell failed. Two shards that finish at the same moment may both do so, which is 
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import multiprocessing
 import os
 import re
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +32,23 @@ from mlflow.entities import Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from gpt.ablation.claims import (
+    CLAIM_TAG,
+    CellState,
+    cell_state,
+    grid_states,
+    leave_alone,
+    new_token,
+    record_failure,
+    take_claim,
+)
 from gpt.ablation.grid import Cell, GridSpec, SkippedCell
+from gpt.ablation.workers import gpu_slots, init_worker, shard_cells
 from gpt.errors import UserError
 from gpt.job import JobOptions, check_run_name, prepare, train
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, with_retries
 
 PARENT_SETTLE_S = 5.0
-CLAIM_START_S = 600.0  # a claim has become a run within seconds, unless its process died first
-CLAIM_TRIES = 5
-CLAIM_TAG = "ablation.claim"
-_CLAIM_KEY = re.compile(r"claim\.([0-9a-f]+)\.(\d+)")
 
 
 @dataclass
@@ -84,17 +77,6 @@ class CellOutcome:
 
 
 @dataclass
-class CellState:
-    """What the tracking store says about a cell (see the module docstring)."""
-
-    status: str  # DONE | RUNNING | FAILED | UNTRIED
-    next_attempt: int = 0
-    run_id: str = ""
-    detail: str = ""
-    since: float = 0.0  # when the latest attempt started (epoch seconds)
-
-
-@dataclass
 class GridOutcome:
     parent_run_id: str
     outcomes: list[CellOutcome]  # this process's cells
@@ -113,40 +95,6 @@ class GridOutcome:
     @property
     def complete(self) -> bool:
         return not self.waiting
-
-
-def shard_cells(cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
-    """A deterministic share of the cells: by position in the (ordered, stable) cell list."""
-    index, count = shard
-    return [cell for position, cell in enumerate(cells) if position % count == index]
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {text!r} must look like i/n, e.g. 0/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise UserError(f"--shard {text!r}: need 0 <= i < n")
-    return index, count
-
-
-def gpu_slots(gpus: list[int], per_gpu: int, visible: str | None = None) -> list[str]:
-    """One CUDA_VISIBLE_DEVICES value per worker: each GPU `per_gpu` times.
-
-    GPU ids count within the GPUs this process may see: under Slurm or an outer
-    CUDA_VISIBLE_DEVICES=3,5, `--gpus 0,1` means devices 3 and 5, never another job's device 0.
-    """
-    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
-    slots = []
-    for gpu in gpus:
-        if devices is not None and not 0 <= gpu < len(devices):
-            raise UserError(
-                f"--gpus {gpu}: only {len(devices)} GPU(s) are visible (CUDA_VISIBLE_DEVICES={visible}); "
-                f"ids count from 0 within them"
-            )
-        slots += [devices[gpu] if devices is not None else str(gpu)] * per_gpu
-    return slots
 
 
 # ---------------------------------------------------------------- the parent run
@@ -227,142 +175,6 @@ def close_parent(tracking_uri: str, outcome: GridOutcome) -> str:
     return status
 
 
-# ---------------------------------------------------------------- cell states and claims
-
-
-def new_token() -> str:
-    return f"{socket.gethostname()} {os.getpid()} {time.time():.3f} {uuid.uuid4().hex[:8]}"
-
-
-def _process_alive(host: str, pid: str) -> bool:
-    """Whether a process may still be working: only this machine's processes can be checked."""
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def judge(claims: dict[int, str], runs: list[Run], now: float | None = None) -> CellState:
-    """A cell's state from its claims (attempt -> token) and its active child runs."""
-    now = time.time() if now is None else now
-    next_attempt = max(claims, default=-1) + 1
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished:
-        return CellState("DONE", next_attempt, finished[0].info.run_id, f"finished in run {finished[0].info.run_id}")
-    if claims:
-        token = claims[max(claims)]
-        held = [r for r in runs if r.data.tags.get(CLAIM_TAG) == token]
-        if not held:
-            host, pid, stamp = (token.split(" ") + ["", "", "0"])[:3]
-            since = float(stamp) if re.fullmatch(r"[\d.]+", stamp) else 0.0
-            if _process_alive(host, pid) and now - since < CLAIM_START_S:
-                return CellState("RUNNING", next_attempt, "", f"claimed by {host} pid {pid}, starting", since)
-            return CellState("FAILED", next_attempt, "", f"its process ({host} pid {pid}) ended before training", since)
-        run = held[0]
-    elif runs:
-        run = max(runs, key=lambda r: r.info.start_time)  # a run from before claims were recorded
-    else:
-        return CellState("UNTRIED")
-    tags, run_id, since = run.data.tags, run.info.run_id, run.info.start_time / 1000
-    if run.info.status in ("RUNNING", "SCHEDULED"):
-        host, pid = tags.get("ablation.host", ""), tags.get("ablation.pid", "")
-        if _process_alive(host, pid):
-            return CellState("RUNNING", next_attempt, run_id, f"claimed by run {run_id} on {host}", since)
-        return CellState("FAILED", next_attempt, run_id, f"run {run_id}: its process ({host} pid {pid}) died", since)
-    error = tags.get("ablation.error", "")
-    detail = f"run {run_id} {run.info.status}{': ' if error else ''}{error}"
-    return CellState("FAILED", next_attempt, run_id, detail, since)
-
-
-def _claims(parent: Run) -> dict[str, dict[int, str]]:
-    claims: dict[str, dict[int, str]] = collections.defaultdict(dict)
-    for key, value in parent.data.params.items():
-        match = _CLAIM_KEY.fullmatch(key)
-        if match:
-            claims[match[1]][int(match[2])] = value
-    return claims
-
-
-def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
-    runs, token = [], None
-    while True:
-        page = with_retries(
-            lambda token=token: client.search_runs(
-                [experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY, page_token=token
-            )
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def cell_state(client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell) -> CellState:
-    parent = with_retries(lambda: client.get_run(parent_id))
-    query = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`ablation.cell_id` = '{cell.cell_id}'"
-    return judge(_claims(parent).get(cell.cell_id, {}), _search_all(client, experiment_id, query))
-
-
-def grid_states(client: MlflowClient, experiment_id: str, parent_id: str, cells: list[Cell]) -> dict[str, CellState]:
-    """Every cell's state, from one read of the parent and its children."""
-    claims = _claims(with_retries(lambda: client.get_run(parent_id)))
-    runs: dict[str, list[Run]] = collections.defaultdict(list)
-    for run in _search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_id}'"):
-        runs[run.data.tags.get("ablation.cell_id", "")].append(run)
-    return {c.cell_id: judge(claims.get(c.cell_id, {}), runs[c.cell_id]) for c in cells}
-
-
-def leave_alone(state: CellState, started: float) -> str | None:
-    """Why a worker that started at `started` must not take the cell, or None if it may."""
-    if state.status in ("DONE", "RUNNING"):
-        return state.detail
-    if state.status == "FAILED" and state.since >= started:
-        return f"failed in this round: {state.detail}"  # another process of this round tried it
-    return None
-
-
-def take_claim(
-    client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell, token: str, started: float
-) -> str | None:
-    """Claim the cell's next attempt for `token`: None if it is ours, else why not."""
-    for _ in range(CLAIM_TRIES):
-        state = cell_state(client, experiment_id, parent_id, cell)
-        reason = leave_alone(state, started)
-        if reason:
-            return reason
-        key = f"claim.{cell.cell_id}.{state.next_attempt}"
-        try:
-            with_retries(lambda key=key: client.log_param(parent_id, key, token))
-        except MlflowException as exc:
-            if exc.error_code != "INVALID_PARAMETER_VALUE":  # that one: another worker took this attempt
-                raise
-        if with_retries(lambda: client.get_run(parent_id)).data.params.get(key) == token:
-            return None
-    return f"lost {CLAIM_TRIES} claims in a row"
-
-
-def record_failure(
-    client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell, tags: dict[str, str], message: str
-) -> None:
-    """A claimed cell that failed before its run existed gets a FAILED run saying why (seen in the UI, on resume)."""
-    query = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{CLAIM_TAG}` = '{tags[CLAIM_TAG]}'"
-    if _search_all(client, experiment_id, query):
-        return  # training had opened its run, and ended it FAILED
-    tags = {
-        **tags,
-        "mlflow.parentRunId": parent_id,
-        "mlflow.source.name": "ablate.py",
-        "ablation.error": message[:5000],
-    }
-    run = with_retries(lambda: client.create_run(experiment_id, run_name=cell.name, tags=tags))
-    with_retries(lambda: client.set_terminated(run.info.run_id, "FAILED"))
-
-
 # ---------------------------------------------------------------- running cells
 
 
@@ -413,18 +225,6 @@ def run_cell(cell: Cell, parent_id: str, experiment_id: str, options: RunnerOpti
 
 def _message(exc: Exception) -> str:
     return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-
-
-def init_worker(gpu_queue: multiprocessing.Queue | None, threads: int) -> None:
-    """Set up a spawned worker: its share of the CPU threads, and one GPU slot for its lifetime (if any).
-
-    CUDA reads CUDA_VISIBLE_DEVICES when it first initializes, which no worker has done yet here.
-    """
-    import torch
-
-    torch.set_num_threads(threads)
-    if gpu_queue is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get()
 
 
 def run_grid(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], options: RunnerOptions) -> GridOutcome:

@@ -2,7 +2,7 @@
 
 Every task expands the same grid from the same options, so with N = the number of cells task k
 trains exactly cell k; with fewer tasks each trains every N-th cell. All tasks report to one
-MLFLOW_TRACKING_URI, and the claims of gpt.ablation.runner keep two tasks off one cell (a requeued
+MLFLOW_TRACKING_URI, and the claims of gpt.ablation.claims keep two tasks off one cell (a requeued
 task, say). The last task to finish writes the grid's report and ends its parent run.
 """
 
