@@ -91,11 +91,10 @@ def watched_fit(marks: dict[str, Any]) -> Iterator[None]:
 def calibrate(trainer: Trainer, rounds: int) -> tuple[float, float]:
     """Median seconds of one epoch's optimizer steps in a tight loop, and of one validation pass.
 
-    The same steps as the trainer's loop (forward under its autocast, backward, clipping, AdamW,
-    zero_grad) with nothing between them; one round first, untimed, in case anything is cold.
+    The trainer's own step (Trainer.step) with nothing between the steps; one round first, untimed,
+    in case anything is cold.
     """
-    cfg, device = trainer.cfg, trainer.device
-    t = cfg.train
+    device, t = trainer.device, trainer.cfg.train
     batches = [b.to(device) for b in epoch_order(len(trainer.train_windows), t.batch_size, t.drop_last, t.seed, 1)]
     steps, validation = [], []
     for round_index in range(rounds + 1):
@@ -103,14 +102,7 @@ def calibrate(trainer: Trainer, rounds: int) -> tuple[float, float]:
         sync(device)
         started = time.perf_counter()
         for index in batches:
-            inputs, targets = trainer.train_windows.batch(index)
-            with torch.autocast(device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
-                loss = trainer.forward(inputs, targets)
-            loss.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.grad_clip)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.step(*trainer.train_windows.batch(index))
         sync(device)
         middle = time.perf_counter()
         trainer.evaluate()
@@ -121,8 +113,8 @@ def calibrate(trainer: Trainer, rounds: int) -> tuple[float, float]:
     return statistics.median(steps), statistics.median(validation)
 
 
-def epoch_seconds(tracking_uri: str, run_id: str) -> list[float]:
-    history = open_client(tracking_uri).get_metric_history(run_id, "epoch_seconds")
+def metric_values(tracking_uri: str, run_id: str, key: str) -> list[float]:
+    history = open_client(tracking_uri).get_metric_history(run_id, key)
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
@@ -136,9 +128,9 @@ class Measured:
     reporting: dict[str, float]  # JobResult.report_seconds
     reporting_in_loop: float  # of which spent before trainer.fit returned
     compiled: bool
+    validations: int  # epochs with validation
     steps: float | None = None  # one epoch's optimizer steps in a tight loop (None: not calibrated)
     validation: float | None = None  # one validation pass
-    validations: int = 0  # epochs with validation
 
 
 def breakdown(m: Measured) -> None:
@@ -212,7 +204,8 @@ def measure(cfg: config_module.Config, uri: str) -> tuple[Measured, Trainer]:
         startup=marks["fit_start"] - started,
         loop=marks["fit_end"] - marks["fit_start"],
         teardown=ended - marks["fit_end"],
-        epochs=epoch_seconds(uri, result.run_id),
+        epochs=metric_values(uri, result.run_id, "epoch_seconds"),
+        validations=len(metric_values(uri, result.run_id, "val_loss")),
         reporting=result.report_seconds,
         reporting_in_loop=sum(marks["seconds_at_fit_end"].values()),
         compiled=trainer.forward is not trainer.model,
@@ -242,8 +235,6 @@ def main() -> None:
     if args.calibrate:
         gc.collect()
         measured.steps, measured.validation = calibrate(trainer, args.calibrate)
-        t = cfg.train
-        measured.validations = sum(1 for e in range(1, t.epochs + 1) if e % t.eval_every == 0 or e == t.epochs)
     breakdown(measured)
 
 

@@ -58,9 +58,11 @@ class Ranks:
         return part, len(part) * self.world_size / len(index)
 
     def part(self, count: int) -> range:
-        """This rank's contiguous share of `count` items (validation windows)."""
-        share = torch.arange(count).tensor_split(self.world_size)[self.rank]
-        return range(int(share[0]), int(share[-1]) + 1) if len(share) else range(0)
+        """This rank's contiguous share of `count` items (validation windows); the first count % ranks
+        shares hold one item more, as tensor_split cuts a batch in shard()."""
+        size, extra = divmod(count, self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return range(start, start + size + (self.rank < extra))
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of `tensor` over all ranks (the tensor itself in one process)."""

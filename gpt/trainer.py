@@ -226,19 +226,13 @@ class Trainer:
             inputs, targets = self.train_windows.batch(index)
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.cfg, s.step, total_steps)
-            with self._autocast():
-                loss = self.step_forward(inputs, targets)
-            (loss * weight if self.ranks.active else loss).backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            losses[i] = loss.detach() * (weight / world)
+            loss = self.step(inputs, targets, weight)
+            losses[i] = loss * (weight / world) if self.ranks.active else loss
             s.step += 1
             s.batch_in_epoch += 1
             s.tokens_seen += len(batches[i]) * targets.shape[1]
             if self.on_step is not None:
-                self.on_step(epoch, i + 1, len(batches), loss.detach())
+                self.on_step(epoch, i + 1, len(batches), loss)
         values = self.ranks.sum(losses).tolist()  # the epoch's one host sync
         step_losses = self._logged_points(values, first_step, len(batches))
         bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
@@ -267,6 +261,18 @@ class Trainer:
         )
         s.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "step": s.step})
         return metrics
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """One optimizer step on this rank's windows, its mean loss weighted for DDP's gradient average
+        (see Ranks.shard); returns that (unweighted) mean loss, detached and still on the device."""
+        with self._autocast():
+            loss = self.step_forward(inputs, targets)
+        (loss * weight if self.ranks.active else loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def _stop_agreed(self, steps_done: int) -> bool:
         """Whether to stop before the next step. Ranks stop together, at a step where they agree on it."""
