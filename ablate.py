@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 from mlflow.tracking import MlflowClient
 
-from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, plan_rows
+from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
 from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
 from gpt.ablation.slurm import SlurmOptions, check, job_script
@@ -42,7 +42,7 @@ def grid_options(command):
         click.option("--vary", multiple=True, metavar="KEY=L1,L2", help="A factor and its levels; repeatable."),
         click.option("--seeds", help="Replicate seeds, e.g. 0,1,2."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every cell."),
-        click.option("--design", type=click.Choice(["grid", "one-at-a-time"]), help="Cartesian or one-at-a-time."),
+        click.option("--design", type=click.Choice(list(DESIGNS)), help="Cartesian or one-at-a-time."),
         click.option("--name", help="Grid name (default: the grid file's, else derived from the factors)."),
         click.option("--tokenizer-file", type=click.Path(dir_okay=False), help="Local GPT-2 ranks file."),
         click.option("--cache-dir", type=click.Path(file_okay=False), help="Downloads and token caches."),

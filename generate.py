@@ -13,8 +13,8 @@ import torch
 
 from gpt import runs, sampling
 from gpt.cli import Command, friendly_errors
+from gpt.device import resolve_device
 from gpt.errors import UserError
-from gpt.trainer import resolve_device
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

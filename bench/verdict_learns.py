@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt import config as config_module  # noqa: E402
 from gpt.data import build_corpus  # noqa: E402
+from gpt.device import resolve_device  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.text import default_cache_dir  # noqa: E402
 from gpt.tokenizer import get_encoding  # noqa: E402
-from gpt.trainer import Trainer, resolve_device  # noqa: E402
+from gpt.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:

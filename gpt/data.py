@@ -19,6 +19,7 @@ import torch
 
 from gpt.config import Config
 from gpt.errors import UserError
+from gpt.sizes import DataStats, count_windows, window_stats
 from gpt.text import Document, load_documents
 from gpt.tokenizer import encode
 
@@ -28,10 +29,6 @@ class Corpus:
     train: torch.Tensor  # int64 token ids, the head of the stream
     val: torch.Tensor  # int64 token ids, the tail of the stream
     files: list[dict] = field(default_factory=list)  # name, path, sha256, tokens per source file
-
-
-def count_windows(n_tokens: int, length: int, stride: int) -> int:
-    return 0 if n_tokens <= length else (n_tokens - length - 1) // stride + 1
 
 
 class Windows:
@@ -60,13 +57,6 @@ def epoch_order(n_windows: int, batch_size: int, drop_last: bool, seed: int, epo
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
-
-
-def steps_per_epoch(n_windows: int, batch_size: int, drop_last: bool) -> int:
-    full, rest = divmod(n_windows, batch_size)
-    if full == 0:
-        return 1 if rest else 0
-    return full + (1 if rest and not drop_last else 0)
 
 
 def sequential_batches(n_windows: int, batch_size: int) -> list[torch.Tensor]:
@@ -141,31 +131,6 @@ def check_corpus(cfg: Config, corpus: Corpus) -> None:
             f"data: the validation split of {names} has {len(corpus.val)} tokens, too few for one window "
             f"of {length}+1; raise data.val_fraction or lower data.max_length"
         )
-
-
-@dataclass
-class DataStats:
-    train_tokens: int
-    val_tokens: int
-    train_windows: int
-    val_windows: int
-    steps_per_epoch: int
-    tokens_per_epoch: int  # target tokens the model trains on per epoch
-
-
-def window_stats(cfg: Config, train_tokens: int, val_tokens: int) -> DataStats:
-    length, stride, t = cfg.window_length, cfg.window_stride, cfg.train
-    train_windows = count_windows(train_tokens, length, stride)
-    steps = steps_per_epoch(train_windows, t.batch_size, t.drop_last)
-    used = min(train_windows, steps * t.batch_size)
-    return DataStats(
-        train_tokens=train_tokens,
-        val_tokens=val_tokens,
-        train_windows=train_windows,
-        val_windows=count_windows(val_tokens, length, length),
-        steps_per_epoch=steps,
-        tokens_per_epoch=used * length,
-    )
 
 
 def data_stats(cfg: Config, corpus: Corpus) -> DataStats:

@@ -25,14 +25,16 @@ from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint, distributed
 from gpt.config import Config, dump_yaml
-from gpt.data import Corpus, DataStats, build_corpus, data_stats
+from gpt.data import Corpus, build_corpus, data_stats
+from gpt.device import autocast_dtype, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
-from gpt.model import GPT, count_parameters, flops_per_token
+from gpt.model import GPT
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
 from gpt.resume import check_same_data, logged_progress
 from gpt.runs import local_run_dir
 from gpt.signals import StopOnSignal
+from gpt.sizes import DataStats, count_parameters, flops_per_token
 from gpt.store import (
     absolute_uri,
     check_tracking_uri,
@@ -45,7 +47,7 @@ from gpt.store import (
 )
 from gpt.tokenizer import get_encoding
 from gpt.tracking import Tracker
-from gpt.trainer import Interrupted, NonFiniteLoss, Trainer, TrainState, autocast_dtype, resolve_device
+from gpt.trainer import Interrupted, NonFiniteLoss, Trainer, TrainState
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
@@ -156,7 +158,7 @@ def run_params(prepared: Prepared) -> dict[str, Any]:
         val_windows=s.val_windows,
         steps_per_epoch=s.steps_per_epoch,
         device=str(prepared.device),
-        dtype=str(autocast_dtype(cfg, prepared.device) or torch.float32).replace("torch.", ""),
+        dtype=str(autocast_dtype(cfg.train, prepared.device) or torch.float32).replace("torch.", ""),
     )
     for i, info in enumerate(prepared.corpus.files):
         params[f"data.file{i}.path"] = info["path"]

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gpt.config import Config
 from gpt.data import Corpus, Windows, epoch_order, sequential_batches
+from gpt.device import autocast_dtype, fused_adamw, use_compile
 from gpt.distributed import STOP_CHECK_STEPS, Ranks
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -105,27 +106,6 @@ class NonFiniteLoss(Exception):
         self.epoch, self.step, self.step_points = epoch, step, step_points
 
 
-def resolve_device(requested: str, option: str = "train.device") -> torch.device:
-    """auto | cuda | mps | cpu -> a device that exists here; `option` names the setting in errors."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if requested == "auto":
-        return torch.device(next(name for name, ok in available.items() if ok))
-    if requested not in available:
-        raise UserError(f"{option} must be one of auto, cuda, mps, cpu; got {requested!r}")
-    if not available[requested]:
-        what = "CUDA GPU" if requested == "cuda" else "MPS device"
-        raise UserError(f"{option} is {requested} but no {what} is available; use --device auto or cpu")
-    return torch.device(requested)
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; full fp32 on CPU and MPS unless asked."""
-    precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,7 +116,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
     else:
         groups = [{"params": params, "weight_decay": t.weight_decay}]
     # fused AdamW runs the whole update as a few kernels instead of several per parameter
-    return torch.optim.AdamW(groups, lr=t.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=t.lr, fused=fused_adamw(device))
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
@@ -166,9 +146,9 @@ class Trainer:
         # the corpus is small next to the model: keep it on the device and cut windows there
         self.train_windows = Windows(corpus.train.to(device), cfg.window_length, cfg.window_stride)
         self.val_windows = Windows(corpus.val.to(device), cfg.window_length, cfg.window_length)
-        self.dtype = autocast_dtype(cfg, device)
-        use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.dtype = autocast_dtype(cfg.train, device)
+        compiled = use_compile(cfg.train, device)
+        self.forward = torch.compile(self.model) if compiled else self.model
         # training steps go through DDP, which all-reduces the gradients during backward; validation
         # and sampling use the bare model (DDP would wait for the other ranks on every forward)
         self.step_forward = self.forward
@@ -177,7 +157,7 @@ class Trainer:
             ddp = DistributedDataParallel(self.model, device_ids=device_ids)
             # compile the DDP module rather than wrap a compiled one: the compiler then splits the graph
             # at DDP's gradient buckets, so their all-reduces overlap the rest of the backward pass
-            self.step_forward = torch.compile(ddp) if use_compile else ddp
+            self.step_forward = torch.compile(ddp) if compiled else ddp
         self.stop_requested = False
         self.observers: list[Observer] = []
         # called after every step with (epoch, batches done, batches in epoch, this rank's loss on the device)

@@ -10,7 +10,7 @@ from conftest import ROOT
 from gpt import config
 from gpt.config import Config
 from gpt.errors import UserError
-from gpt.model import count_parameters
+from gpt.sizes import count_parameters
 
 TINY = ROOT / "configs" / "tiny.yaml"
 SEED = ROOT / "configs" / "gpt2-128.yaml"

@@ -10,8 +10,9 @@ from conftest import RANKS
 
 from gpt import config, data, tokenizer
 from gpt.config import Config
-from gpt.data import Windows, count_windows, epoch_order, steps_per_epoch
+from gpt.data import Windows, epoch_order
 from gpt.errors import UserError
+from gpt.sizes import count_windows, steps_per_epoch
 
 
 class PositionEncoding:
