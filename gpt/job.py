@@ -1,14 +1,16 @@
-"""One training job: check everything, open (or reopen) an MLflow run, train, report, finish.
+"""One training job: check everything, open (or reopen) an MLflow run, train in it, end it.
+
+A training run reads top to bottom through four modules: train.py (options) -> gpt.job.train (this
+module) -> gpt.trainer.Trainer.fit (the epoch loop) -> gpt.model.GPT (the network). Reporting and
+tracking sit behind gpt.tracked_run.TrackedRun, whose observers the trainer calls after each epoch.
 
 Checks that can fail on user input (config, data, tokenizer, tracking URI, the checkpoint to resume)
-all run before a run is created or reopened, so a mistake never leaves an empty or RUNNING run
-behind. Once a run is open, every way out of training ends it: FINISHED; KILLED on Ctrl-C or
-SIGTERM, with a checkpoint to resume from; FAILED on a non-finite loss or a crash.
+all run in prepare(), before a run is created or reopened, so a mistake never leaves an empty or
+RUNNING run behind. Once a run is open, TrackedRun ends it in a state that says what happened.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -26,28 +28,18 @@ from mlflow.tracking import MlflowClient
 from gpt import checkpoint, distributed
 from gpt.config import Config, dump_yaml
 from gpt.data import Corpus, build_corpus, data_stats
-from gpt.device import autocast_dtype, resolve_device
+from gpt.device import autocast_dtype, device_name, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
-from gpt.resume import check_same_data, logged_progress
-from gpt.runs import local_run_dir
+from gpt.resume import check_same_data
 from gpt.signals import StopOnSignal
 from gpt.sizes import DataStats, count_parameters, flops_per_token
-from gpt.store import (
-    absolute_uri,
-    check_tracking_uri,
-    ensure_experiment,
-    local_artifact_dir,
-    open_client,
-    resolve_tracking_uri,
-    run_lock,
-    with_retries,
-)
+from gpt.store import check_tracking_uri, ensure_experiment, open_client, resolve_tracking_uri, with_retries
 from gpt.tokenizer import get_encoding
-from gpt.tracking import Tracker
-from gpt.trainer import Interrupted, NonFiniteLoss, Trainer, TrainState
+from gpt.tracked_run import JobResult, TrackedRun, final_val_loss
+from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
@@ -77,19 +69,10 @@ class Prepared:
     ranks: Ranks
     resumed: Trainer | None = None  # restored from the checkpoint to resume, already checked against cfg and data
 
-
-@dataclass
-class JobResult:
-    run_id: str
-    experiment_id: str
-    status: str  # FINISHED | KILLED | FAILED
-    best_val_loss: float
-    best_epoch: int
-    final_val_loss: float | None
-    message: str = ""
-    exit_code: int = 0
-    local_dir: str = ""  # the run's spool and lock; `train.py --replay` it when tracking was left undelivered
-    report_seconds: dict[str, float] = field(default_factory=dict)  # time spent reporting, by activity
+    def take_trainer(self) -> Trainer | None:
+        """The trainer restored by prepare(), once: a trainer trains one run."""
+        trainer, self.resumed = self.resumed, None
+        return trainer
 
 
 def default_run_name(cfg: Config) -> str:
@@ -174,26 +157,23 @@ def run_tags(prepared: Prepared) -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    device = prepared.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {
         "git_commit": commit or "unknown",
         "torch_version": torch.__version__,
         "mlflow_version": mlflow.__version__,
-        "device_name": name,
+        "device_name": device_name(prepared.device),
         "world_size": str(prepared.ranks.world_size),
         "mlflow.source.name": "train.py",
     }
 
 
-def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions, uri: str) -> str:
+def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions) -> Run:
     experiment_id = ensure_experiment(client, options.experiment)
     tags = {**run_tags(prepared), **options.tags}
     if options.parent_run_id:
         tags["mlflow.parentRunId"] = options.parent_run_id
     run_name = check_run_name(options.run_name or default_run_name(prepared.cfg))
-    run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
-    return run.info.run_id
+    return with_retries(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
 
 
 def existing_run(client: MlflowClient, run_id: str, uri: str) -> Run:
@@ -209,26 +189,14 @@ def existing_run(client: MlflowClient, run_id: str, uri: str) -> Run:
 
 
 def build_trainer(cfg: Config, prepared: Prepared, payload: dict[str, Any] | None) -> Trainer:
-    """The model and trainer, new or restored from a checkpoint; a checkpoint that does not fit raises UserError."""
+    """The model and trainer, new or restored from a training checkpoint (UserError when it does not fit)."""
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    if payload is None:
-        trainer = Trainer(cfg, model, prepared.corpus, prepared.device, ranks=prepared.ranks)
-        distributed.seed_rank(prepared.ranks, cfg.train.seed, 0)
-        return trainer
-    source = "the checkpoint"
-    check_same_data(payload, prepared.corpus)
-    checkpoint.load_model_state(model, payload["model"], source)
-    state = TrainState.from_dict(payload["state"], source)
-    trainer = Trainer(cfg, model, prepared.corpus, prepared.device, state, prepared.ranks)
-    if payload["optimizer"]:
-        try:
-            trainer.optimizer.load_state_dict(payload["optimizer"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{source}: its optimizer state does not fit the model ({exc})") from None
-    # Nothing draws from torch's generator between here and the first step (samples use their own).
-    checkpoint.set_rng_state(payload["rng"], source)
-    distributed.seed_rank(prepared.ranks, cfg.train.seed, state.step)
+    trainer = Trainer(cfg, GPT(cfg.model), prepared.corpus, prepared.device, ranks=prepared.ranks)
+    if payload is not None:
+        check_same_data(payload, prepared.corpus)
+        # nothing draws from torch's generator between here and the first step (samples use their own)
+        checkpoint.restore(trainer, payload)
+    distributed.seed_rank(prepared.ranks, cfg.train.seed, trainer.state.step)
     return trainer
 
 
@@ -245,24 +213,41 @@ def train(
     prepared = prepared or prepare(cfg, options, resume_payload)
     uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking_uri(uri)
-    if resume_payload is not None and prepared.resumed is not None:
-        trainer, prepared.resumed = prepared.resumed, None  # a trainer trains one run
-    else:
-        trainer = build_trainer(cfg, prepared, resume_payload)
+    trainer = prepared.take_trainer() if resume_payload is not None else None
+    trainer = trainer or build_trainer(cfg, prepared, resume_payload)
     if not prepared.ranks.is_main:
         return _follow(trainer)
     client = open_client(uri)
+    encoding = get_encoding(options.tokenizer_file)
     with StopOnSignal(trainer) as stopper:  # from here on a run exists, and a signal must end it properly
-        if resume_run_id is not None:
-            run = existing_run(client, resume_run_id, uri)
-        else:
-            run = with_retries(lambda: client.get_run(start_run(client, prepared, options, uri)))
-        local_dir = local_run_dir(uri, options.cache_dir, run.info.run_id)
-        with run_lock(local_dir, run.info.run_id):
-            if resume_run_id is not None:
-                with_retries(lambda: client.update_run(resume_run_id, status="RUNNING"))
-            resuming = resume_run_id is not None
-            return _train_run(trainer, prepared, options, client, run, local_dir, stopper, resuming)
+        run = existing_run(client, resume_run_id, uri) if resume_run_id else start_run(client, prepared, options)
+        with TrackedRun(client, run, trainer, stopper, options.cache_dir, options.echo) as tracked:
+            logged = tracked.logged() if resume_run_id else (0, 0)  # what a resumed run must not log twice
+            title = default_run_name(cfg)
+            reporter = Reporter(cfg, tracked.tracker, encoding, options.echo, title, tracked.seconds, logged)
+            # a resume trains on from a checkpoint, so what was logged up to it must be spooled before it is written
+            checkpoints = Checkpoints(
+                tracked.checkpoint_folder,
+                tracked.run_id,
+                cfg.train.checkpoint_every_s,
+                checkpoint_extra(prepared, tracked.uri),
+                before_write=reporter.flush_points,
+                seconds=tracked.seconds,
+            )
+            progress = ProgressBar(cfg.train.batch_size * cfg.window_length, options.progress and sys.stderr.isatty())
+            tracked.watch(reporter, checkpoints, progress)
+            if resume_run_id is None:
+                tracked.tracker.log_params(run_params(prepared))
+                tracked.tracker.log_text(dump_yaml(cfg), "config.yaml")
+            trainer.fit()
+    return tracked.result
+
+
+def checkpoint_extra(prepared: Prepared, tracking_uri: str) -> dict[str, Any]:
+    """What every checkpoint of the job carries besides the trainer: the data files (absolute paths, sha256,
+    tokens) and the store, so that `--resume <file>` needs nothing else."""
+    data = [{**info, "path": str(Path(info["path"]).resolve())} for info in prepared.corpus.files]
+    return {"data": data, "tracking_uri": tracking_uri}
 
 
 def _follow(trainer: Trainer) -> JobResult:
@@ -281,97 +266,4 @@ def _follow(trainer: Trainer) -> JobResult:
         except NonFiniteLoss:
             status = "FAILED"
     s = trainer.state
-    final_val = next((row["val_loss"] for row in reversed(s.history) if row["val_loss"] is not None), None)
-    return JobResult("", "", status, s.best_val_loss, s.best_epoch, final_val)
-
-
-def _train_run(
-    trainer: Trainer,
-    prepared: Prepared,
-    options: JobOptions,
-    client: MlflowClient,
-    run: Run,
-    local_dir: Path,
-    stopper: StopOnSignal,
-    resuming: bool,
-) -> JobResult:
-    """Train in an open run and end it, whatever happens."""
-    cfg, run_id, uri = prepared.cfg, run.info.run_id, absolute_uri(client.tracking_uri)
-    tracker = Tracker(client, run_id, local_dir)
-    status, message, exit_code = "FINISHED", "", 0
-    reporter: Reporter | None = None
-    try:  # the outer try also ends the run when a handler below fails (a full disk while saving)
-        try:
-            (local_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
-            artifacts = local_artifact_dir(run.info.artifact_uri)
-            data = [{**info, "path": str(Path(info["path"]).resolve())} for info in prepared.corpus.files]
-            extra = {"data": data, "tracking_uri": uri}
-            folder = (artifacts or local_dir) / "checkpoints"
-            checkpoints = Checkpoints(folder, cfg, run_id, cfg.train.checkpoint_every_s, extra)
-            logged = logged_progress(client, run_id, tracker.spool) if resuming else (0, 0)
-            encoding = get_encoding(options.tokenizer_file)
-            title = default_run_name(cfg)
-            reporter = Reporter(cfg, tracker, checkpoints, encoding, options.echo, title, *logged)
-            trainer.observers.append(reporter)
-            tokens_per_step = cfg.train.batch_size * cfg.window_length
-            trainer.on_step = ProgressBar(tokens_per_step, options.progress and sys.stderr.isatty())
-            if not resuming:
-                tracker.log_params(run_params(prepared))
-                tracker.log_text(dump_yaml(cfg), "config.yaml")
-            trainer.fit()
-            checkpoints.write(trainer)
-        except Interrupted as exc:
-            trainer.on_step.close()  # the bar of the abandoned epoch
-            reporter.log_steps(exc.step_points)
-            checkpoints.write(trainer)
-            status, exit_code = "KILLED", stopper.exit_code
-            s = trainer.state
-            message = (
-                f"interrupted in epoch {s.epoch + 1} after step {s.step}; checkpoint saved, "
-                f"continue with: python train.py --resume {run_id}"
-            )
-        except NonFiniteLoss as exc:
-            reporter.log_steps(exc.step_points)
-            checkpoints.write(trainer, include_last=False)  # the weights are garbage now; keep the best
-            kept = f"; best.pt (epoch {trainer.state.best_epoch}) is kept" if "best.pt" in checkpoints.written else ""
-            status, exit_code, message = "FAILED", 3, f"training stopped: {exc}{kept}"
-    except BaseException as exc:
-        stopper.immediate = True
-        if isinstance(exc, SystemExit) and stopper.signal_number:  # a second Ctrl-C: leave now
-            options.echo("stopped at once, without a checkpoint; the run ends KILLED")
-            tracker.close("KILLED", timeout=1.0, notify=options.echo)
-        else:
-            if reporter is not None:
-                reporter.salvage(trainer)
-            tracker.close("FAILED", timeout=30.0, notify=options.echo)
-        raise
-    stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
-    try:
-        if artifacts is None:  # a remote artifact store: upload the final checkpoints once
-            for name in sorted(checkpoints.written):
-                tracker.log_file(checkpoints.folder / name, "checkpoints", snapshot=False)
-        delivered = tracker.close(status, notify=options.echo)
-    except SystemExit:
-        options.echo(
-            f"stopped waiting for the tracking server; send the rest with: python train.py --replay {local_dir}"
-        )
-        raise
-    if not delivered:
-        message += (
-            f"{'; ' if message else ''}the tracking server did not take everything in time: the rest is kept in "
-            f"{local_dir}; send it with: python train.py --replay {local_dir}"
-        )
-    history = trainer.state.history
-    final_val = next((row["val_loss"] for row in reversed(history) if row["val_loss"] is not None), None)
-    return JobResult(
-        run_id,
-        run.info.experiment_id,
-        status,
-        trainer.state.best_val_loss,
-        trainer.state.best_epoch,
-        final_val,
-        message,
-        exit_code or (0 if delivered else 4),
-        str(local_dir),
-        dict(reporter.seconds),
-    )
+    return JobResult("", "", status, s.best_val_loss, s.best_epoch, final_val_loss(trainer))

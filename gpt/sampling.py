@@ -21,6 +21,7 @@ import torch
 
 from gpt import checkpoint, tokenizer
 from gpt.config import Config
+from gpt.device import inference_dtype
 from gpt.errors import UserError
 from gpt.model import GPT, KVCache
 
@@ -278,10 +279,8 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, Config, tiktoken.
         )
     model = GPT(cfg.model)
     checkpoint.load_model_state(model, payload["model"], source=f"checkpoint {path}")
-    # bf16 halves the bytes each decode step reads; CPU matmuls are faster in fp32
-    model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    info = {key: payload.get(key) for key in ("epoch", "step", "best_val_loss", "run_id")}
-    return model, cfg, encoding, info
+    model.to(device=device, dtype=inference_dtype(device)).eval()
+    return model, cfg, encoding, checkpoint.position(payload)
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:

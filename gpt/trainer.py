@@ -9,11 +9,10 @@ states, resumes to exactly the same losses.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -23,39 +22,10 @@ from gpt.config import Config
 from gpt.data import Corpus, Windows, epoch_order, sequential_batches
 from gpt.device import autocast_dtype, fused_adamw, use_compile
 from gpt.distributed import STOP_CHECK_STEPS, Ranks
-from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.state import TrainState
 
 StepPoints = list[tuple[int, float]]  # (global step, training loss) of the steps that are logged
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # finished epochs
-    batch_in_epoch: int = 0  # batches of epoch+1 already done (non-zero only mid-epoch)
-    step: int = 0  # optimizer steps so far
-    tokens_seen: int = 0  # training target tokens so far
-    wall_seconds: float = 0.0  # training + validation time so far, across resumes
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    epoch_losses: list[float] = field(default_factory=list)  # losses of the batches done this epoch (mid-epoch)
-    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, for plots
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # a deep copy: a checkpoint must not change as training goes on
-
-    @classmethod
-    def from_dict(cls, values: Any, source: str) -> TrainState:
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: the training state is a {type(values).__name__}, not a mapping")
-        missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
-        if missing or unknown:
-            raise UserError(
-                f"{source}: the training state is not from this version of the tool "
-                f"(missing {', '.join(missing) or 'nothing'}; unknown {', '.join(unknown) or 'nothing'})"
-            )
-        return cls(**values)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from gpt.config import Config, ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.runs import find_checkpoint
+from gpt.state import TrainState
 from gpt.store import resolve_tracking_uri
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,9 +45,7 @@ def payload(seed: int, config: Config = TINY, model_config: ModelConfig | None =
         "config": config.to_dict(),
         "model": model.state_dict(),
         "optimizer": None,
-        "epoch": 3,
-        "step": 30,
-        "best_val_loss": 5.0,
+        "state": TrainState(epoch=3, step=30, best_val_loss=5.0).to_dict(),
         "rng": checkpoint.rng_state(),
         "tokenizer": {"name": "gpt2"},
         **extra,
@@ -237,7 +236,7 @@ def test_debug_shows_the_traceback(store):
 def test_find_checkpoint_uses_a_local_store_in_place(store):
     best = find_checkpoint(store.run, "best", store.uri)
     assert best == store.root / "artifacts" / store.run / "artifacts" / "checkpoints" / "best.pt"
-    assert checkpoint.load(best)["epoch"] == 3
+    assert checkpoint.load(best)["state"]["epoch"] == 3
 
 
 def test_default_tracking_uri_is_the_environment_or_the_local_sqlite_store(monkeypatch):
