@@ -127,6 +127,29 @@ class Config:
         return {f"{s}.{k}": v for s, d in self.to_dict().items() for k, v in d.items()}
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits (gpt.sampling); temperature 0 means greedy (argmax).
+
+    Raises UserError for values that make no sense: negative or non-finite temperature, top-k below 1,
+    top-p outside (0, 1].
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens; None keeps all
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p; None or 1 keeps all
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature):
+            raise UserError(f"temperature must be a finite number (0 means greedy), got {self.temperature}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must not be negative (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # NaN fails this too
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 # the choices of text-valued keys; model.init's former spelling "seed" is read as "pytorch"
 CHOICES = {

@@ -25,6 +25,7 @@ from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from gpt import env
 from gpt.errors import UserError
 
 try:
@@ -60,26 +61,17 @@ class TrackingUnavailable(UserError):
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under ./mlruns."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return cli_uri or env.tracking_uri() or DEFAULT_TRACKING_URI
 
 
 def absolute_uri(uri: str) -> str:
     """A SQLite URI that no longer depends on the current directory (others are returned as they are)."""
     path = sqlite_path(uri)
-    return f"sqlite:///{path}" if path is not None and not uri.endswith(":memory:") else uri
+    return f"sqlite:///{path}" if path is not None else uri
 
 
 def is_remote(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
-
-
-def quiet_client_retries() -> None:
-    """MLflow retries a dead server for minutes per call; our own sender retries instead."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # MLflow prints its own run links when a run ends; ours open the UI's model-training view
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -96,11 +88,11 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 f"tracking server {uri} is not reachable ({reason}); start it or choose another --tracking-uri"
             ) from None
     elif scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            _check_sqlite_file(uri, Path(path).expanduser())
+        path = sqlite_path(uri)
+        if path is not None:
+            _check_sqlite_file(uri, path)
     elif scheme in ("", "file"):
-        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        if not env.allow_file_store():
             raise UserError(
                 f"tracking URI {uri!r} is a plain folder (MLflow's retired file store); "
                 f"use {DEFAULT_TRACKING_URI} or an http:// server"
@@ -195,10 +187,14 @@ def open_client(uri: str) -> MlflowClient:
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
-    """The file of a SQLite store, or None for other stores."""
+    """The file of a SQLite store as an absolute path, or None for other stores (and in-memory SQLite).
+
+    The one place a sqlite:/// URI is taken apart: every reader of the store's location goes through it.
+    """
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    return Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve()
+    path = tracking_uri[len("sqlite:///") :]
+    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
 
 
 def sqlite_folder(tracking_uri: str) -> Path | None:

@@ -27,6 +27,7 @@ from typing import Any
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from gpt import env
 from gpt.errors import UserError
 from gpt.plots import loss_curve
 from gpt.store import (
@@ -40,23 +41,7 @@ from gpt.store import (
     with_retries,
 )
 
-CLOSE_TIMEOUT_ENV = "GPT_TRACKING_TIMEOUT"  # seconds a finished run waits for its tracking data to be delivered
-DEFAULT_CLOSE_TIMEOUT = 120.0
 CLOSING_RETRY_S = 2.0  # once a run has ended, how often delivery is retried while close() waits
-
-
-def close_timeout() -> float:
-    """$GPT_TRACKING_TIMEOUT, else DEFAULT_CLOSE_TIMEOUT seconds."""
-    text = os.environ.get(CLOSE_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_CLOSE_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise UserError(f"{CLOSE_TIMEOUT_ENV} must be a number of seconds (0 or more), got {text!r}")
-    return value
 
 
 class Spool:
@@ -235,11 +220,11 @@ class Tracker:
     def close(
         self, status: str = "FINISHED", timeout: float | None = None, notify: Callable[[str], None] = _warn
     ) -> bool:
-        """End the run and wait up to `timeout` s (default: close_timeout()) for delivery.
+        """End the run and wait up to `timeout` s (default: $GPT_TRACKING_TIMEOUT, gpt.env) for delivery.
 
         Returns True when everything was delivered; False leaves a spool for `train.py --replay`.
         """
-        timeout = close_timeout() if timeout is None else timeout
+        timeout = env.tracking_timeout() if timeout is None else timeout
         if not self._closed:
             self._closed = True
             self._put({"kind": "end", "status": status})

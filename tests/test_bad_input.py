@@ -246,7 +246,7 @@ CASES = [
      "prompt file not found"),
     case("empty prompt", "generate", ["--checkpoint", "{inputs}/good.pt", "--prompt", "  "], "the prompt is empty"),
     case("unknown device", "generate", [*SAMPLE, "--device", "tpu"],
-     "device must be one of"),
+     "Invalid value for '--device'"),
     case("tokens not a number", "generate", [*SAMPLE, "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
 ]  # fmt: skip
 

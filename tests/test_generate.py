@@ -191,7 +191,7 @@ def one_line_error(result: Result) -> str:
         (["--run", "{run}", "--top-p", "1.5"], r"top-p must be in \(0, 1\], got 1.5"),
         (["--run", "{run}", "--max-tokens", "0"], "--max-tokens and --num-samples must be at least 1"),
         (["--run", "{run}", "--stream", "--num-samples", "2"], "--stream prints one sample"),
-        (["--run", "{run}", "--device", "tpu"], "device must be one of"),
+        (["--run", "{run}", "--device", "tpu"], "Invalid value for .--device."),
         (["--run", "{run}", "--top-k", "many"], "'many' is not a valid integer"),
         ([], "give --run RUN_ID"),
         (["--checkpoint", "missing.pt"], "there is no file 'missing.pt'"),
