@@ -47,6 +47,7 @@ class Command(click.Command):
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
     ) -> click.Context:
+        """Click's context, or a one-line usage error and exit 2."""
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as exc:

@@ -26,6 +26,7 @@ from gpt.tokenizer import encode
 
 @dataclass
 class Corpus:
+    """One run's token stream, split by position: train is the head, val the tail (int64 ids)."""
     train: torch.Tensor  # int64 token ids, the head of the stream
     val: torch.Tensor  # int64 token ids, the tail of the stream
     files: list[dict] = field(default_factory=list)  # name, path, sha256, tokens per source file
@@ -45,6 +46,7 @@ class Windows:
         return self.count
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (batch, length) of the windows at `index` (batch,); targets are inputs shifted by one."""
         rows = self.rows[index]  # gathers only this batch
         return rows[:, :-1], rows[:, 1:]
 
@@ -60,6 +62,7 @@ def epoch_order(n_windows: int, batch_size: int, drop_last: bool, seed: int, epo
 
 
 def sequential_batches(n_windows: int, batch_size: int) -> list[torch.Tensor]:
+    """Window indices 0..n_windows-1 in order, in batches of batch_size (validation)."""
     return list(torch.arange(n_windows).split(batch_size))
 
 
@@ -67,6 +70,7 @@ def sequential_batches(n_windows: int, batch_size: int) -> list[torch.Tensor]:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -120,6 +124,7 @@ def build_corpus(cfg: Config, encoding: tiktoken.Encoding, cache_dir: Path, chec
 
 
 def check_corpus(cfg: Config, corpus: Corpus) -> None:
+    """UserError when either split is too short for one window of the config's length."""
     length, names = cfg.window_length, ", ".join(f["path"] for f in corpus.files)
     if count_windows(len(corpus.train), length, cfg.window_stride) == 0:
         raise UserError(
@@ -134,4 +139,5 @@ def check_corpus(cfg: Config, corpus: Corpus) -> None:
 
 
 def data_stats(cfg: Config, corpus: Corpus) -> DataStats:
+    """DataStats (gpt.sizes) of the config on this corpus."""
     return window_stats(cfg, len(corpus.train), len(corpus.val))

@@ -47,6 +47,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
 
 @dataclass
 class JobOptions:
+    """How and where a job runs and reports, beside its Config."""
     experiment: str = "gpt"
     run_name: str | None = None
     tracking_uri: str | None = None
@@ -61,6 +62,7 @@ class JobOptions:
 
 @dataclass
 class Prepared:
+    """Everything prepare() checked and built before a run exists: config, tokens, sizes, device."""
     cfg: Config
     corpus: Corpus
     stats: DataStats
@@ -76,11 +78,13 @@ class Prepared:
 
 
 def default_run_name(cfg: Config) -> str:
+    """A run name that says the shape, e.g. L12-H12-E768-ctx128-s128 (stride in tokens)."""
     m = cfg.model
     return f"L{m.n_layers}-H{m.n_heads}-E{m.emb_dim}-ctx{m.context_length}-s{cfg.window_stride}"
 
 
 def check_run_name(name: str) -> str:
+    """The name, or UserError when MLflow or a search filter could not take it."""
     if not _RUN_NAME.match(name) or ".." in name:
         raise UserError(
             f"run name {name!r} is not allowed: use letters, digits, spaces and . _ - + = , : @ (no '/' or '..')"
@@ -89,6 +93,7 @@ def check_run_name(name: str) -> str:
 
 
 def check_names(options: JobOptions) -> None:
+    """UserError for a run or experiment name that cannot be used."""
     if options.run_name is not None:
         check_run_name(options.run_name)
     if not options.experiment.strip():
@@ -111,6 +116,7 @@ def prepare(cfg: Config, options: JobOptions, resume_payload: dict[str, Any] | N
 
 
 def describe(prepared: Prepared) -> list[str]:
+    """The lines printed before training: model size and FLOPs, data, windows, steps, device."""
     s, cfg, ranks = prepared.stats, prepared.cfg, prepared.ranks
     lines = [
         f"model: {prepared.n_params:,} parameters ({prepared.n_params * 4 / 2**20:,.0f} MB fp32), "
@@ -128,6 +134,7 @@ def describe(prepared: Prepared) -> list[str]:
 
 
 def run_params(prepared: Prepared) -> dict[str, Any]:
+    """The run's MLflow params: the flattened config (window and stride in tokens), sizes and data files."""
     cfg, s = prepared.cfg, prepared.stats
     params: dict[str, Any] = {**cfg.flat(), "data.max_length": cfg.window_length, "data.stride": cfg.window_stride}
     params["data.files"] = ",".join(cfg.data.files)
@@ -151,6 +158,7 @@ def run_params(prepared: Prepared) -> dict[str, Any]:
 
 
 def run_tags(prepared: Prepared) -> dict[str, str]:
+    """The run's MLflow tags: git commit, versions, device, world size."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
@@ -168,6 +176,7 @@ def run_tags(prepared: Prepared) -> dict[str, str]:
 
 
 def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions) -> Run:
+    """Create the job's MLflow run (in its experiment, nested under a grid's parent if any)."""
     experiment_id = ensure_experiment(client, options.experiment)
     tags = {**run_tags(prepared), **options.tags}
     if options.parent_run_id:
@@ -177,6 +186,7 @@ def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions) -> 
 
 
 def existing_run(client: MlflowClient, run_id: str, uri: str) -> Run:
+    """The run to resume; UserError when it is not in the store or is deleted."""
     try:
         run = with_retries(lambda: client.get_run(run_id))
     except MlflowException as exc:

@@ -17,7 +17,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from gpt import checkpoint
+from gpt import checkpoint, metrics
 from gpt.config import Config
 from gpt.sampling import sample_text
 from gpt.tracking import Tracker
@@ -40,7 +40,7 @@ def timed(seconds: dict[str, float], activity: str) -> Iterator[None]:
 
 def snapshot(value: Any, memo: dict[tuple, torch.Tensor] | None = None) -> Any:
     """A copy of a checkpoint payload that training cannot change: tensors cloned (on their device),
-    containers rebuilt. copy.deepcopy does the same at ~75 us a tensor, ~50 ms for the seed model and
+    containers rebuilt. copy.deepcopy does the same at ~75 us a tensor, ~50 ms for the reference model and
     its AdamW state: as long as a GPU epoch. Views of the same memory (tied weights: state_dict gives
     the embedding and the head as two tensor objects over one storage) stay one tensor."""
     memo = {} if memo is None else memo
@@ -94,9 +94,9 @@ class Checkpoints:
         """The trainer's checkpoint now (live tensors)."""
         return checkpoint.payload(trainer, self.run_id, self.extra)
 
-    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
+    def on_epoch_end(self, trainer: Trainer, measured: EpochMetrics) -> None:
         """Snapshot an improved model; write both files once checkpoint_every_s has passed."""
-        if trainer.state.best_epoch == metrics.epoch:
+        if trainer.state.best_epoch == measured.epoch:
             with timed(self.seconds, "best snapshots"):
                 self.best_payload = snapshot(self.payload(trainer))  # training goes on changing the tensors
         if time.monotonic() - self.last_write >= self.every_s:
@@ -142,6 +142,7 @@ class ProgressBar:
             self.close()
 
     def close(self) -> None:
+        """Remove the bar (an epoch's end, or training stopped)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -184,27 +185,27 @@ class Reporter:
         self.sample_cost: float | None = None  # seconds of the cheapest epoch's samples, the first one aside
         self.last_flush = self.last_plot = self.last_sample = time.monotonic()
 
-    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
+    def on_epoch_end(self, trainer: Trainer, measured: EpochMetrics) -> None:
         """Hold the epoch's metric points, and spool, plot and sample when due; print the summary line."""
-        final = metrics.epoch == self.cfg.train.epochs
+        final = measured.epoch == self.cfg.train.epochs
         with timed(self.seconds, "metrics"):
-            if metrics.epoch > self.logged_epoch:
+            if measured.epoch > self.logged_epoch:
                 now = int(time.time() * 1000)
-                self.held += [(k, float(v), metrics.epoch, now) for k, v in metrics.as_metrics().items()]
-                self.logged_epoch = metrics.epoch
-            self.hold_steps(metrics.step_losses)
+                self.held += [(k, float(v), measured.epoch, now) for k, v in measured.as_metrics().items()]
+                self.logged_epoch = measured.epoch
+            self.hold_steps(measured.step_losses)
         if final or time.monotonic() - self.last_flush >= METRICS_EVERY_S:
             self.flush_points()
         self.history = trainer.state.history
         if final or time.monotonic() - self.last_plot >= PLOT_EVERY_S:
             self.plot()
-        if self.sample_due(metrics):
-            self.log_samples(trainer, metrics.epoch)
-        val = f"{metrics.val_loss:.3f}" if metrics.val_loss is not None else "-"
+        if self.sample_due(measured):
+            self.log_samples(trainer, measured.epoch)
+        val = f"{measured.val_loss:.3f}" if measured.val_loss is not None else "-"
         with timed(self.seconds, "summary line"):
             self.echo(
-                f"epoch {metrics.epoch}/{self.cfg.train.epochs}  train {metrics.train_loss:.3f}  val {val}  "
-                f"{metrics.tokens_per_second:,.0f} tokens/s  {metrics.epoch_seconds:.1f} s"
+                f"epoch {measured.epoch}/{self.cfg.train.epochs}  train {measured.train_loss:.3f}  val {val}  "
+                f"{measured.tokens_per_second:,.0f} tokens/s  {measured.epoch_seconds:.1f} s"
             )
 
     def log_samples(self, trainer: Trainer, epoch: int) -> None:
@@ -228,7 +229,7 @@ class Reporter:
     def hold_steps(self, step_losses: StepPoints) -> None:
         """Hold the train_loss_step points after logged_step for the next flush."""
         now = int(time.time() * 1000)
-        new = [("train_loss_step", loss, step, now) for step, loss in step_losses if step > self.logged_step]
+        new = [(metrics.TRAIN_LOSS_STEP, loss, step, now) for step, loss in step_losses if step > self.logged_step]
         if new:
             self.logged_step = new[-1][2]
         self.held += new
@@ -247,18 +248,19 @@ class Reporter:
         self.plotted = len(self.history)
         self.last_plot = time.monotonic()
 
-    def sample_due(self, metrics: EpochMetrics) -> bool:
+    def sample_due(self, measured: EpochMetrics) -> bool:
         """Samples every sample_every epochs while they are cheap next to an epoch, else at most every
         sample_every_s; always at the final epoch and the first two times (warm-up, then their cost)."""
         t = self.cfg.train
-        final = metrics.epoch == t.epochs
-        if not t.sample_every or (metrics.epoch % t.sample_every and not final):
+        final = measured.epoch == t.epochs
+        if not t.sample_every or (measured.epoch % t.sample_every and not final):
             return False
-        if final or self.sample_cost is None or self.sample_cost <= SAMPLE_SHARE * metrics.epoch_seconds:
+        if final or self.sample_cost is None or self.sample_cost <= SAMPLE_SHARE * measured.epoch_seconds:
             return True
         return time.monotonic() - self.last_sample >= t.sample_every_s
 
     def samples(self, trainer: Trainer, epoch: int) -> str:
+        """The epoch's samples as text: one continuation per train.sample_prompts, seeded by seed + epoch."""
         t = self.cfg.train
         generator = torch.Generator(device=trainer.device).manual_seed(t.seed + epoch)  # leaves training RNG alone
         lines = [f"epoch {epoch}, temperature {t.temperature}, top_k {t.top_k}", ""]

@@ -15,7 +15,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from gpt import checkpoint
+from gpt import checkpoint, metrics
 from gpt.config import Config, apply_overrides, resumable_keys, validate
 from gpt.data import Corpus
 from gpt.errors import UserError
@@ -25,7 +25,6 @@ from gpt.tracking import Spool
 from gpt.trainer import TrainState
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-PROGRESS_KEYS = ("train_loss", "train_loss_step")  # the metrics whose last step says how far a run has logged
 
 
 @dataclass
@@ -105,9 +104,9 @@ def check_same_data(payload: dict[str, Any], corpus: Corpus) -> None:
 
 def logged_progress(client: MlflowClient, run_id: str, spool: Spool) -> tuple[int, int]:
     """The last epoch and step a run has logged, sent or still in its spool."""
-    spooled = spool.last_steps(PROGRESS_KEYS)
+    spooled = spool.last_steps(metrics.PROGRESS)
     last = []
-    for key in PROGRESS_KEYS:
+    for key in metrics.PROGRESS:
         history = with_retries(lambda key=key: client.get_metric_history(run_id, key))
         last.append(max([spooled[key], *(m.step for m in history)]))
     return last[0], last[1]

@@ -13,7 +13,7 @@ from gpt.config import Config, ModelConfig
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Trainable parameters of the unpadded model (a tied head counts once), as the seed reports."""
+    """Trainable parameters of the unpadded model (a tied head counts once), as the reference implementation reports."""
     d, v, layers = cfg.emb_dim, cfg.vocab_size, cfg.n_layers
     per_block = (3 * d * d + (3 * d if cfg.qkv_bias else 0)) + (d * d + d) + (8 * d * d + 5 * d) + 4 * d
     head = 0 if cfg.tie_weights else v * d

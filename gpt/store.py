@@ -71,6 +71,7 @@ def absolute_uri(uri: str) -> str:
 
 
 def is_remote(uri: str) -> bool:
+    """Whether the tracking URI is an HTTP(S) server."""
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
 
 
@@ -213,6 +214,10 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if needed and tagged to open in the UI's model-training view.
+
+    Raises UserError for a deleted experiment.
+    """
     experiment = with_retries(lambda: client.get_experiment_by_name(name))
     if experiment is None:
         location = artifact_location(client.tracking_uri, name)
@@ -253,4 +258,5 @@ def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def flatten_params(params: dict[str, Any]) -> list[Param]:
+    """MLflow Params, values cut to MLflow's 6,000-character limit."""
     return [Param(key, str(value)[:PARAM_LIMIT]) for key, value in params.items()]

@@ -28,13 +28,14 @@ _END = re.compile(
 
 @dataclass(frozen=True)
 class Document:
+    """One source text after stripping and cleaning."""
     name: str  # file stem, used for cleaned_<name>.txt
     path: Path  # where the raw text lives (a downloaded book lives in the cache)
     text: str  # after optional stripping and cleaning
 
 
 def clean_text(text: str) -> str:
-    """Collapse every run of whitespace (newlines included) to one space, as the seed did."""
+    """Collapse every run of whitespace (newlines included) to one space, as the reference implementation does."""
     return _WHITESPACE.sub(" ", text).strip()
 
 
@@ -77,6 +78,7 @@ def expand_sources(sources: list[str], cache_dir: Path) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
+    """A file's text (UTF-8, BOM dropped); UserError for a missing, binary, non-UTF-8 or empty file."""
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -51,4 +51,5 @@ def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
 
 
 def encode(encoding: tiktoken.Encoding, text: str) -> list[int]:
+    """Token ids of text; <|endoftext|> in the text becomes its special token (50256)."""
     return encoding.encode(text, allowed_special={ENDOFTEXT})

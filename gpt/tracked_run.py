@@ -56,7 +56,8 @@ class JobResult:
 
 def final_val_loss(trainer: Trainer) -> float | None:
     """The last validation loss the trainer measured, or None."""
-    return next((row["val_loss"] for row in reversed(trainer.state.history) if row["val_loss"] is not None), None)
+    values = (row[metrics.VAL_LOSS] for row in reversed(trainer.state.history))
+    return next((value for value in values if value is not None), None)
 
 
 class TrackedRun:

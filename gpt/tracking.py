@@ -80,6 +80,7 @@ class Spool:
         return item
 
     def items(self) -> list[dict[str, Any]]:
+        """Every readable spooled item, in order (lines a damaged disk garbled are skipped)."""
         if not self.journal.is_file():
             return []
         items = []
@@ -91,16 +92,19 @@ class Spool:
         return items
 
     def pending(self) -> list[dict[str, Any]]:
+        """The spooled items not delivered yet."""
         delivered = self.delivered()
         return [item for item in self.items() if item["seq"] > delivered]
 
     def delivered(self) -> int:
+        """The seq of the last item delivered (0: none)."""
         try:
             return int(self.delivered_file.read_text().strip() or 0)
         except (FileNotFoundError, ValueError):
             return 0
 
     def mark_delivered(self, seq: int) -> None:
+        """Record (atomically) that every item up to seq was delivered."""
         partial = self.delivered_file.with_suffix(".tmp")
         partial.write_text(str(seq))
         os.replace(partial, self.delivered_file)
@@ -177,20 +181,14 @@ class Tracker:
 
     # -- what training calls; each returns at once
 
-    def log_metrics(self, values: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.log_points([(key, float(value), step, now) for key, value in values.items()])
-
     def log_points(self, points: list[tuple[str, float, int, int]]) -> None:
         """(key, value, step, timestamp_ms) tuples, sent as one batch."""
         if points:
             self._put({"kind": "metrics", "points": points})
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Params, values as strings (MLflow's params are write-once)."""
         self._put({"kind": "params", "params": {k: str(v) for k, v in params.items()}})
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_file(self, path: Path, artifact_path: str | None, snapshot: bool = True) -> None:
         """Upload a file. With snapshot, a copy is queued so later rewrites of `path` don't race."""
@@ -201,6 +199,7 @@ class Tracker:
         self._put({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact, e.g. samples/epoch_001.txt (staged in the outbox, then uploaded)."""
         target = self._staged(Path(artifact_file).name)
         target.write_text(text, encoding="utf-8")
         folder = str(Path(artifact_file).parent)
@@ -215,6 +214,7 @@ class Tracker:
         self._put({"kind": "plot", "file": "loss_curve.png", "artifact_path": "plots", "title": title})
 
     def pending(self) -> int:
+        """Items spooled but not delivered yet."""
         return self.spool.last_seq - self.spool.delivered()
 
     def close(

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt import metrics
 from gpt.config import Config
 from gpt.data import Corpus, Windows, epoch_order, sequential_batches
 from gpt.device import autocast_dtype, fused_adamw, use_compile
@@ -30,6 +31,7 @@ StepPoints = list[tuple[int, float]]  # (global step, training loss) of the step
 
 @dataclass
 class EpochMetrics:
+    """What one epoch measured: losses in nats, tokens, seconds (see gpt.metrics)."""
     epoch: int
     train_loss: float
     val_loss: float | None
@@ -40,21 +42,25 @@ class EpochMetrics:
     step_losses: StepPoints  # every log_every_steps, and the epoch's last step
 
     def as_metrics(self) -> dict[str, float]:
+        """MLflow metric name (gpt.metrics) -> value, for step = epoch."""
         values = {
-            "train_loss": self.train_loss,
-            "tokens_seen": self.tokens_seen,
-            "epoch_seconds": self.epoch_seconds,
-            "wall_seconds": self.wall_seconds,
-            "tokens_per_second": self.tokens_per_second,
+            metrics.TRAIN_LOSS: self.train_loss,
+            metrics.TOKENS_SEEN: self.tokens_seen,
+            metrics.EPOCH_SECONDS: self.epoch_seconds,
+            metrics.WALL_SECONDS: self.wall_seconds,
+            metrics.TOKENS_PER_SECOND: self.tokens_per_second,
         }
         if self.val_loss is not None:
-            values["val_loss"] = self.val_loss
-            values["val_ppl"] = math.exp(min(self.val_loss, 50.0))
+            values[metrics.VAL_LOSS] = self.val_loss
+            values[metrics.VAL_PPL] = math.exp(min(self.val_loss, 50.0))
         return values
 
 
 class Observer(Protocol):
-    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None: ...
+    """What the trainer calls after each epoch (gpt.reporting's Reporter and Checkpoints)."""
+
+    def on_epoch_end(self, trainer: Trainer, measured: EpochMetrics) -> None:
+        """Called after each epoch, validation included."""
 
 
 class Interrupted(Exception):
@@ -77,6 +83,7 @@ class NonFiniteLoss(Exception):
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the model's parameters (with decay_groups: no decay on biases, norms, embeddings)."""
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     if t.decay_groups:  # weight decay on matrices only, not on biases, norms or embeddings
@@ -90,6 +97,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine to min_lr."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -100,6 +108,11 @@ def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
 
 
 class Trainer:
+    """The epoch loop over a corpus's shuffled windows, with AdamW and per-epoch validation.
+
+    fit() trains until train.epochs are done and calls each observer's on_epoch_end; it raises
+    Interrupted (a stop was requested) or NonFiniteLoss. on_step, if set, sees every step.
+    """
     def __init__(
         self,
         cfg: Config,
@@ -146,12 +159,17 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until cfg.train.epochs are done; raises Interrupted or NonFiniteLoss."""
         while self.state.epoch < self.cfg.train.epochs:
-            metrics = self.run_epoch()
+            measured = self.run_epoch()
             for observer in self.observers:
-                observer.on_epoch_end(self, metrics)
+                observer.on_epoch_end(self, measured)
         return self.state
 
     def run_epoch(self) -> EpochMetrics:
+        """Train the rest of the current epoch, validate when due, and return its metrics.
+
+        Raises Interrupted between steps once a stop is requested (agreed by every rank), and
+        NonFiniteLoss when a step's loss was NaN or infinite (found at the epoch's one host sync).
+        """
         s, t = self.state, self.cfg.train
         epoch = s.epoch + 1
         total_steps = self.steps_per_epoch * t.epochs
@@ -199,7 +217,7 @@ class Trainer:
         if val_loss is not None and val_loss < s.best_val_loss:
             s.best_val_loss, s.best_epoch = val_loss, epoch
         trained = s.tokens_seen - tokens_before
-        metrics = EpochMetrics(
+        measured = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,
             val_loss=val_loss,
@@ -209,8 +227,8 @@ class Trainer:
             tokens_per_second=trained / seconds if seconds > 0 else 0.0,
             step_losses=step_losses,
         )
-        s.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "step": s.step})
-        return metrics
+        s.history.append({"epoch": epoch, metrics.TRAIN_LOSS: train_loss, metrics.VAL_LOSS: val_loss, "step": s.step})
+        return measured
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """One optimizer step on this rank's windows, its mean loss weighted for DDP's gradient average

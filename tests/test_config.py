@@ -134,7 +134,7 @@ def test_override_int_from_integral_float():
 
 @pytest.mark.parametrize("text", ["4e-4", "4E-4", "1e-3", "+3e-4", "5.0e-4"])
 def test_override_float_in_scientific_notation(text):
-    # PyYAML (YAML 1.1) reads '4e-4' as a string; the seed's lr is written exactly like this.
+    # PyYAML (YAML 1.1) reads '4e-4' as a string; the reference config's lr is written exactly like this.
     assert config.load(None, [f"train.lr={text}"]).train.lr == pytest.approx(float(text))
 
 

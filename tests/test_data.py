@@ -1,4 +1,4 @@
-"""gpt.data: the seed's windows without copies, the positional train/val split, batches, token cache."""
+"""gpt.data: the reference's windows without copies, the positional train/val split, batches, token cache."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def story_file(tmp_path: Path, sentence: str) -> Path:
 
 
 def seed_windows(ids: list[int], length: int, stride: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The seed's loop, written out: the reference every window must match."""
+    """The reference's loop, written out: the reference every window must match."""
     inputs, targets = [], []
     for i in range(0, len(ids) - length, stride):
         inputs.append(ids[i : i + length])

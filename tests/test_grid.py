@@ -15,7 +15,6 @@ from gpt.ablation.grid import (
     GridSpec,
     SkippedCell,
     cell_id,
-    corpus_key,
     expand,
     format_plan,
     plan_rows,
@@ -517,11 +516,3 @@ def test_example_grids_load_and_expand(grid, n_cells):
     assert (len(cells), skipped) == (n_cells, [])
     assert len({c.cell_id for c in cells}) == n_cells
     assert all(c.config.window_stride == c.config.data.stride for c in cells)
-
-
-def test_corpus_key_separates_cells_that_need_their_own_token_streams(tmp_path):
-    spec = load_grid(tiny_grid(tmp_path, vary={"model.n_layers": [1, 2], "data.val_fraction": [0.1, 0.2]}, seeds=[0]))
-    cells, _ = expand(spec)
-    keys = {(c.levels["model.n_layers"], c.levels["data.val_fraction"]): corpus_key(c.config) for c in cells}
-    assert keys[("1", "0.1")] == keys[("2", "0.1")], "the architecture does not change the corpus"
-    assert keys[("1", "0.1")] != keys[("1", "0.2")], "the validation fraction moves the split"

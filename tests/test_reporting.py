@@ -1,7 +1,7 @@
 """gpt.reporting: what each epoch end costs, and how the per-epoch work is throttled by time.
 
 The Reporter is driven directly, with a fake clock and a tracker that only records: an epoch of
-the seed config on a GPU takes ~50 ms, so these tests replay hundreds of such epochs in no time.
+the reference config on a GPU takes ~50 ms, so these tests replay hundreds of such epochs in no time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gpt.model import GPT
 from gpt.reporting import PLOT_EVERY_S, Checkpoints, Reporter, snapshot, timed
 from gpt.trainer import EpochMetrics, Trainer
 
-GPU_EPOCH_S = 1 / 16  # ~the seed's epoch on an H100; a power of two keeps the fake clock exact
+GPU_EPOCH_S = 1 / 16  # ~the reference config's epoch on an H100; a power of two keeps the fake clock exact
 GPU_SAMPLE_S = 1 / 8  # two prompts of 50 tokens at batch 1
 
 

@@ -49,6 +49,8 @@ _NAME_KEYS = (
 
 @dataclass(frozen=True)
 class Factor:
+    """One varied config key and its levels."""
+
     key: str  # dotted config key, e.g. model.n_layers
     values: tuple[Any, ...]  # typed levels, as set on the config ("0.5x" stays a string)
     labels: tuple[str, ...]  # one display label per level, used in names, tags and plots
@@ -56,6 +58,8 @@ class Factor:
 
 @dataclass
 class GridSpec:
+    """A grid as its file and options define it: base config, factors, replicate seeds and design."""
+
     name: str
     base: Config  # base file + inline config + data + set; not validated: cells are
     factors: list[Factor]
@@ -67,6 +71,7 @@ class GridSpec:
 
     @property
     def factor_keys(self) -> list[str]:
+        """The varied keys, in the grid's order."""
         return [f.key for f in self.factors]
 
     def base_levels(self) -> dict[str, str]:
@@ -96,6 +101,8 @@ class GridSpec:
 
 @dataclass
 class Cell:
+    """One run of the grid: a resolved, validated config, its levels, its replicate seed and its id."""
+
     config: Config  # validated, data.stride resolved to tokens, train.seed = seed
     levels: dict[str, str]  # factor key -> level label, for every factor of the grid
     seed: int
@@ -115,6 +122,8 @@ class Cell:
 
 @dataclass
 class SkippedCell:
+    """A combination of levels that cannot run, and why."""
+
     name: str
     levels: dict[str, str]
     seed: int
@@ -284,19 +293,13 @@ def cell_name(cfg: Config, levels: dict[str, str], seed: int) -> str:
 CORPUS_KEYS = ("data.files", "data.clean", "data.strip_gutenberg", "data.val_fraction")
 
 
-def corpus_key(cfg: Config) -> str:
-    """Equal for cells that share one corpus, so a plan or a runner can build each distinct corpus once."""
-    flat = cfg.flat()
-    return json.dumps([flat[key] for key in CORPUS_KEYS])
-
-
 # ---------------------------------------------------------------- planning
 
 
 def plan_rows(cells: Sequence[Cell], train_tokens: int, val_tokens: int) -> list[dict[str, Any]]:
     """Size and cost of each cell on a corpus of the given split sizes, counted as a training run counts them.
 
-    All cells must share one corpus (see corpus_key); group them first when a grid varies the data.
+    All cells must share one corpus: a grid that varies one of CORPUS_KEYS has none to plan against.
     """
     rows = []
     for cell in cells:
