@@ -299,15 +299,20 @@ class Reporter:
         self.last_plot = time.monotonic()
 
     def sample_due(self, measured: EpochMetrics) -> bool:
-        """Samples every sample_every epochs while they are cheap next to an epoch, else at most every
-        sample_every_s; always at the final epoch and the first two times (warm-up, then their cost)."""
+        """Samples every sample_every epochs while they are cheap next to an epoch; costly ones at most every
+        sample_every_s, and no more often than keeps them under SAMPLE_SHARE of the time (the reference
+        model's samples on a CPU take ~a minute); always at the final epoch and the first two times
+        (warm-up, then their cost). sample_every_s 0 lifts the time limits."""
         t = self.cfg.train
         final = measured.epoch == t.epochs
         if not t.sample_every or (measured.epoch % t.sample_every and not final):
             return False
         if final or self.sample_cost is None or self.sample_cost <= SAMPLE_SHARE * measured.epoch_seconds:
             return True
-        return time.monotonic() - self.last_sample >= t.sample_every_s
+        if t.sample_every_s == 0:
+            return True
+        interval = max(t.sample_every_s, self.sample_cost / SAMPLE_SHARE)
+        return time.monotonic() - self.last_sample >= interval
 
     def samples(self, trainer: Trainer, epoch: int) -> str:
         """The epoch's samples as text: one continuation per train.sample_prompts, seeded by seed + epoch."""

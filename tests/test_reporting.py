@@ -119,10 +119,20 @@ def test_reporter_books_its_time_by_activity(tmp_path: Path, clock: Clock) -> No
 
 
 def test_costly_samples_come_every_sample_every_s_and_at_the_final_epoch(tmp_path: Path, clock: Clock) -> None:
-    reporter, tracker = make_reporter(tmp_path, clock, "train.sample_every_s=1")
+    reporter, tracker = make_reporter(tmp_path, clock, "train.sample_every_s=3")
     train_epochs(reporter, clock, 100, GPU_EPOCH_S)
-    # the first warms up, the second measures the cost; then one when a second has passed: every 16 epochs
-    assert tracker.sampled_epochs() == [1, 2, 18, 34, 50, 66, 82, 98, 100]
+    # the first warms up, the second measures the cost; then one when 3 s have passed: every 48 epochs
+    assert tracker.sampled_epochs() == [1, 2, 50, 98, 100]
+
+
+def test_costly_samples_never_take_more_than_their_share_of_the_time(tmp_path: Path, clock: Clock) -> None:
+    # the reference model on a CPU: 3-minute epochs, samples of a minute; sample_every_s (10 s) would
+    # let them come every epoch, a third of the run
+    reporter, tracker = make_reporter(tmp_path, clock, "train.epochs=40", sample_s=60.0)
+    train_epochs(reporter, clock, 40, seconds=180.0)
+    sampled = tracker.sampled_epochs()
+    assert sampled[:2] == [1, 2] and sampled[-1] == 40
+    assert len(sampled) * 60.0 <= 0.06 * 40 * 180.0 + 3 * 60.0, f"too many samples: {sampled}"
 
 
 def test_cheap_samples_come_every_epoch_whatever_sample_every_s(tmp_path: Path, clock: Clock) -> None:
