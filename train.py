@@ -5,6 +5,8 @@ python train.py --config configs/gpt2-128.yaml --data 'books/*.txt' --set model.
 python train.py --resume <run_id>                  # continue a killed run from its last checkpoint
 python train.py --resume <run_id> --epochs 20      # or train a finished one longer
 python train.py --replay mlruns/local/<run_id>     # send what a run could not deliver to its server
+python train.py ... --register-model my-gpt        # also register the run's model (models:/my-gpt/<version>)
+python train.py --log-model <run_id>               # log a run's best checkpoint as its MLflow Model now
 torchrun --nproc_per_node=4 train.py --config ...  # data-parallel over 4 GPUs; train.batch_size is the global batch
 
 Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 non-finite loss, 4 tracking left undelivered
@@ -25,9 +27,11 @@ from gpt import distributed
 from gpt.cli import Command, friendly_errors
 from gpt.errors import UserError
 from gpt.job import JobOptions, describe, prepare, train
+from gpt.logged_model import check_registered_name, log_run_model
 from gpt.resume import resume_options
 from gpt.store import check_tracking_uri, resolve_tracking_uri, ui_link
 from gpt.text import default_cache_dir
+from gpt.tokenizer import get_encoding
 from gpt.tracking import replay
 
 
@@ -61,6 +65,14 @@ from gpt.tracking import replay
     type=click.Path(file_okay=False),
     help="Send the tracking data a run left undelivered (its folder, as the run's message named it).",
 )
+@click.option("--no-log-model", is_flag=True, help="Do not log the best model as an MLflow Model at the end.")
+@click.option("--register-model", metavar="NAME", help="Register the run's logged model as a new version of NAME.")
+@click.option(
+    "--log-model",
+    "log_model_run",
+    metavar="RUN_ID",
+    help="Log an existing run's best checkpoint as its MLflow Model (and --register-model it); trains nothing.",
+)
 @friendly_errors
 def main(
     config_path,
@@ -77,6 +89,9 @@ def main(
     dry_run,
     resume,
     replay_dir,
+    no_log_model,
+    register_model,
+    log_model_run,
 ) -> None:
     """Train a GPT language model on text files, with every run tracked in MLflow.
 
@@ -84,6 +99,13 @@ def main(
     """
     ranks = distributed.from_environment()
     echo = click.echo if ranks.is_main else _silent
+    check_registered_name(register_model)
+    if no_log_model and (register_model or log_model_run):
+        raise UserError("--no-log-model logs no model, so there is nothing to register or log: drop one of them")
+    if log_model_run:
+        conflicts = {"--config": config_path, "--data": data, "--resume": resume, "--replay": replay_dir}
+        _log_model(log_model_run, conflicts, tracking_uri, tokenizer_file, register_model)
+        return
     if replay_dir:
         if ranks.active:
             raise UserError("--replay sends a run's spool and trains nothing; run it without torchrun")
@@ -106,6 +128,8 @@ def main(
         progress=ranks.is_main,
         echo=echo,
         ranks=ranks,
+        log_model=not no_log_model,
+        register_model=register_model,
     )
     if resume:
         conflicts = {"--config": config_path, "--data": data, "--run-name": run_name, "--experiment": experiment}
@@ -147,6 +171,18 @@ def main(
     click.echo(f"browse: {ui_link(options.tracking_uri, result.experiment_id, result.run_id)}")
     click.echo(f"run_id: {result.run_id}")
     raise SystemExit(result.exit_code)
+
+
+def _log_model(
+    run_id: str, conflicts: dict, tracking_uri: str | None, tokenizer_file: str | None, name: str | None
+) -> None:
+    """--log-model: log a trained run's best checkpoint as its MLflow Model (and register it)."""
+    given = [option for option, value in conflicts.items() if value]
+    if given:
+        raise UserError(f"--log-model logs a trained run's model and trains nothing; drop {', '.join(given)}")
+    done = log_run_model(run_id, resolve_tracking_uri(tracking_uri), get_encoding(tokenizer_file), name)
+    registered = f"; registered as models:/{name}/{done['version']}" if name else ""
+    click.echo(f"logged the model of run {run_id}: models:/{done['model_id']}{registered}")
 
 
 def _silent(message: str) -> None:

@@ -74,6 +74,8 @@ class TrainConfig:
     sample_tokens: int = 50
     temperature: float = 1.0
     top_k: int = 25
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) every 10 s, spooled (gpt.system_metrics)
+    system_metrics: bool = True
 
 
 @dataclass

@@ -23,14 +23,17 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gpt import checkpoint, distributed
+from gpt import checkpoint, distributed, system_metrics
 from gpt.config import Config, dump_yaml
 from gpt.data import Corpus, DataStats, build_corpus, data_stats
+from gpt.datasets import log_datasets
 from gpt.distributed import Ranks
 from gpt.errors import UserError
+from gpt.logged_model import spool_model
 from gpt.model import GPT, count_parameters, flops_per_token
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
 from gpt.resume import check_same_data, logged_progress
+from gpt.run_summary import log_summary
 from gpt.runs import local_run_dir
 from gpt.signals import StopOnSignal
 from gpt.store import (
@@ -63,6 +66,8 @@ class JobOptions:
     progress: bool = True
     echo: Callable[[str], None] = print
     ranks: Ranks = field(default_factory=Ranks)  # this process among those of a torchrun launch
+    log_model: bool = True  # log the best model as an MLflow Model when the run finishes
+    register_model: str | None = None  # and register it under this name
 
 
 @dataclass
@@ -301,6 +306,7 @@ def _train_run(
     try:  # the outer try also ends the run when a handler below fails (a full disk while saving)
         try:
             (local_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+            system_metrics.start(tracker, cfg.train.system_metrics)  # the tracker stops it when it closes
             artifacts = local_artifact_dir(run.info.artifact_uri)
             data = [{**info, "path": str(Path(info["path"]).resolve())} for info in prepared.corpus.files]
             extra = {"data": data, "tracking_uri": uri}
@@ -316,6 +322,7 @@ def _train_run(
             if not resuming:
                 tracker.log_params(run_params(prepared))
                 tracker.log_text(dump_yaml(cfg), "config.yaml")
+                log_datasets(tracker, prepared.corpus, options.cache_dir)
             trainer.fit()
             checkpoints.write(trainer)
         except Interrupted as exc:
@@ -345,6 +352,9 @@ def _train_run(
         raise
     stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
     try:
+        log_summary(tracker, title, cfg, prepared.n_params, prepared.corpus, trainer.state)
+        if status == "FINISHED" and options.log_model:
+            spool_model(tracker, checkpoints.folder, encoding, options.register_model, options.echo)
         if artifacts is None:  # a remote artifact store: upload the final checkpoints once
             for name in sorted(checkpoints.written):
                 tracker.log_file(checkpoints.folder / name, "checkpoints", snapshot=False)

@@ -2,7 +2,7 @@
 
 The folder, written by mlflow.pyfunc.save_model:
   MLmodel, requirements.txt, python_env.yaml, conda.yaml, input_example.json, serving_input_example.json
-  code/mlflow_pyfunc.py   the model class (gpt/mlflow_pyfunc.py), run on load: MLflow "models from code"
+  mlflow_pyfunc.py        the model class (gpt/mlflow_pyfunc.py), run on load: MLflow "models from code"
   code/gpt/               this package (code_paths), so the model loads without this repository
   artifacts/hf/           config.json + model.safetensors: GPT2LMHeadModel.from_pretrained loads it (gpt.export)
   artifacts/config.yaml   the training config; model.* rebuilds the GPT

@@ -34,6 +34,7 @@ RESUMABLE_KEYS = (
     "train.checkpoint_every_s",
     "train.sample_every",
     "train.sample_every_s",
+    "train.system_metrics",
     "model.loss_chunk_rows",
 )
 PROGRESS_KEYS = ("train_loss", "train_loss_step")  # the metrics whose last step says how far a run has logged

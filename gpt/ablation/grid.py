@@ -36,6 +36,7 @@ IGNORED_KEYS = (
     "train.sample_every_s",
     "train.sample_prompts",
     "train.sample_tokens",
+    "train.system_metrics",
 )
 # Keys spelled out in every cell name; other factors are appended as <last key part><label>.
 _NAME_KEYS = (
