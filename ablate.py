@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 from mlflow.tracking import MlflowClient
 
+from gpt.ablation.best_model import register_best
 from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
 from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
@@ -26,6 +27,7 @@ from gpt.ablation.workers import parse_shard
 from gpt.cli import friendly_errors
 from gpt.data import build_corpus
 from gpt.errors import UserError
+from gpt.logged_model import check_registered_name
 from gpt.store import resolve_tracking_uri, sqlite_folder, ui_link
 from gpt.text import default_cache_dir
 from gpt.tokenizer import get_encoding
@@ -99,10 +101,13 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
 @click.option("--shard", default="0/1", show_default=True, help="Run share i of n of the cells (for many machines).")
 @click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Where the report files go.")
+@click.option("--no-log-model", is_flag=True, help="Cells log no MLflow Model (checkpoints only).")
+@click.option("--register-model", metavar="NAME", help="Register the best cell's best-seed model as a version of NAME.")
 @friendly_errors
 def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
-        workers, gpus, per_gpu, shard, target_loss, out_dir) -> None:  # fmt: skip
+        workers, gpus, per_gpu, shard, target_loss, out_dir, no_log_model, register_model) -> None:  # fmt: skip
     """Train every cell of a grid (skipping finished ones), then compare them."""
+    check_registered_name(register_model)
     spec, cells, skipped, _, cache, tokenizer_file = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
@@ -123,11 +128,18 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         per_gpu=per_gpu,
         shard=parse_shard(shard),
         echo=click.echo,
+        log_model=not no_log_model,
     )
     outcome = run_grid(spec, cells, skipped, options)
     if outcome.complete:
         try:
             report(outcome.parent_run_id, uri, target_loss, out_dir)
+            if register_model:
+                best, version = register_best(outcome.parent_run_id, uri, register_model, tokenizer_file)
+                click.echo(
+                    f"registered models:/{register_model}/{version}: cell {best.run_name} (mean best val loss "
+                    f"{best.cell_mean:.4f} over {best.seeds} seeds), run {best.run_id} ({best.best_val_loss:.4f})"
+                )
         finally:
             click.echo(f"parent run {close_parent(uri, outcome)}")
     else:  # other shards (or processes) still have cells: the last one to finish reports and ends the parent

@@ -14,6 +14,7 @@ import torch
 from gpt import runs, sampling
 from gpt.cli import Command, friendly_errors
 from gpt.errors import UserError
+from gpt.logged_model import load_model_uri
 from gpt.trainer import resolve_device
 
 
@@ -24,6 +25,12 @@ from gpt.trainer import resolve_device
     default="best",
     show_default=True,
     help="best, last, an artifact path in the run, or a local .pt file (then --run may be left out).",
+)
+@click.option(
+    "--model",
+    "model_uri",
+    metavar="URI",
+    help="A logged MLflow Model instead of a run's checkpoint: models:/NAME/1, models:/NAME@alias, runs:/<id>/model.",
 )
 @click.option("--prompt", help="Text to continue.")
 @click.option("--prompt-file", help="Read the prompt from a UTF-8 file instead.")
@@ -45,6 +52,7 @@ from gpt.trainer import resolve_device
 def main(
     run_id,
     checkpoint,
+    model_uri,
     prompt,
     prompt_file,
     max_tokens,
@@ -66,6 +74,7 @@ def main(
     python generate.py --run <run_id> --prompt "Dobby is"
     python generate.py --run <run_id> --checkpoint last --prompt-file chapter.txt --stream
     python generate.py --checkpoint path/to/best.pt --prompt "Alice was" --temperature 0
+    python generate.py --model models:/my-gpt/1 --prompt "Alice was"
     """
     # every check that needs no model runs first, so a typo costs no loading time
     settings = sampling.Sampling(temperature, top_k, top_p)
@@ -73,19 +82,18 @@ def main(
         raise UserError(f"--max-tokens and --num-samples must be at least 1, got {max_tokens} and {num_samples}")
     if stream and num_samples > 1:
         raise UserError(f"--stream prints one sample as it is generated; use --num-samples 1 (got {num_samples})")
-    if run_id is None and checkpoint in ("best", "last"):
-        raise UserError(f"give --run RUN_ID: --checkpoint {checkpoint} means that run's checkpoints/{checkpoint}.pt")
-    if run_id is None and not Path(checkpoint).is_file():
-        raise UserError(f"give --run RUN_ID, or --checkpoint naming a local .pt file (there is no file {checkpoint!r})")
-    if run_id is None and log_to_run:
-        raise UserError("--log adds the text to a run: give --run RUN_ID")
+    check_source(run_id, checkpoint, model_uri, log_to_run)
     text = sampling.read_prompt(prompt, prompt_file)
     torch_device = resolve_device(device, option="--device")
 
-    path = runs.find_checkpoint(run_id, checkpoint, tracking_uri) if run_id else Path(checkpoint)
-    model, cfg, encoding, info = sampling.load_model(path, torch_device)
-    if run_id and info["run_id"] not in (None, run_id):
-        raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
+    if model_uri:
+        model, cfg, encoding, info = load_model_uri(model_uri, torch_device, tracking_uri)
+        path, run_id = model_uri, info["run_id"]  # --log writes to the run that logged the model
+    else:
+        path = runs.find_checkpoint(run_id, checkpoint, tracking_uri) if run_id else Path(checkpoint)
+        model, cfg, encoding, info = sampling.load_model(path, torch_device)
+        if run_id and info["run_id"] not in (None, run_id):
+            raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
     ids = sampling.encode_prompt(encoding, text)
     seed = secrets.randbelow(2**31) if seed is None else seed
     generator = torch.Generator(device=torch_device).manual_seed(seed)
@@ -130,6 +138,22 @@ def main(
         artifact = f"generations/{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}.txt"
         runs.log_text(run_id, artifact, sampling.generation_record(text, record, samples), tracking_uri)
         click.echo(f"logged {artifact} to run {run_id}", err=True)
+
+
+def check_source(run_id: str | None, checkpoint: str, model_uri: str | None, log_to_run: bool) -> None:
+    """Exactly one model to sample from: --run [--checkpoint], --checkpoint FILE or --model URI."""
+    if model_uri:
+        if run_id or checkpoint != "best":
+            raise UserError("--model samples from a logged MLflow Model: drop --run and --checkpoint")
+        return
+    if run_id is None and checkpoint in ("best", "last"):
+        raise UserError(
+            f"give --run RUN_ID (--checkpoint {checkpoint} means that run's checkpoints/{checkpoint}.pt) or --model URI"
+        )
+    if run_id is None and not Path(checkpoint).is_file():
+        raise UserError(f"give --run RUN_ID, or --checkpoint naming a local .pt file (there is no file {checkpoint!r})")
+    if run_id is None and log_to_run:
+        raise UserError("--log adds the text to a run: give --run RUN_ID")
 
 
 def _collect(tokens: Iterator[int], into: list[int]) -> Iterator[int]:

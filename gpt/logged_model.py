@@ -26,8 +26,11 @@ from gpt.errors import UserError
 
 if TYPE_CHECKING:
     import tiktoken
+    import torch
     from mlflow.tracking import MlflowClient
 
+    from gpt.config import Config
+    from gpt.model import GPT
     from gpt.tracking import Tracker
 
 MODEL_NAME = "model"  # the Logged Model's name, so runs:/<run_id>/model finds it
@@ -207,3 +210,68 @@ def run_model_id(client: MlflowClient, run_id: str) -> str | None:
     )
     ready = [m for m in models if str(m.status) in ("READY", "LoggedModelStatus.READY")]
     return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
+
+
+@contextlib.contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """MLflow's global tracking and registry URI set to `uri` for the block.
+
+    Resolving models:/ and runs:/ URIs goes through stores MLflow opens from its global URIs, whatever
+    URI the caller passes (and a SQLite default would create ./mlflow.db).
+    """
+    import mlflow
+
+    # set_tracking_uri and set_registry_uri also export them as $MLFLOW_TRACKING_URI and $MLFLOW_REGISTRY_URI
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # back to "not set": MLflow reads the environment again
+        mlflow.set_registry_uri(None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_MODEL_URI = re.compile(r"^(models:/\S+|runs:/[0-9a-f]{32}/\S+)$")
+
+
+def load_model_uri(
+    uri: str, device: torch.device, tracking_uri: str | None = None
+) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, Any]]:
+    """A logged model (models:/NAME/VERSION, models:/NAME@ALIAS, models:/<model_id>, runs:/<run_id>/model),
+    its config, encoding and info (epoch, best_val_loss, run_id), like gpt.sampling.load_model for a checkpoint.
+
+    The folder is downloaded to a temporary directory and deleted once the model is built.
+    Raises UserError for a malformed URI, or a model the store does not have.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from gpt.mlflow_model import load_artifacts, model_folder_artifacts
+    from gpt.store import check_tracking_uri, resolve_tracking_uri
+
+    if not _MODEL_URI.match(uri):
+        raise UserError(
+            f"--model {uri!r}: give models:/NAME/VERSION, models:/NAME@ALIAS, models:/<model_id> or "
+            "runs:/<run_id>/model"
+        )
+    store = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(store)
+    with tempfile.TemporaryDirectory(prefix="gpt-model-") as folder, using_store(store), _quiet_copies():
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=folder))
+            mlmodel = Model.load(str(local / "MLmodel"))
+        except (MlflowException, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot fetch model {uri} from {store}: {reason}") from None
+        model, cfg, encoding = load_artifacts(model_folder_artifacts(local), device)
+    metadata = mlmodel.metadata or {}
+    info = {"epoch": metadata.get("epoch"), "best_val_loss": metadata.get("best_val_loss")}
+    info["run_id"] = mlmodel.run_id or metadata.get("source_run_id")
+    return model, cfg, encoding, info

@@ -112,7 +112,9 @@ def save_model_folder(
     return target
 
 
-def load_artifacts(artifacts: dict[str, str], device: str = "auto") -> tuple[GPT, Config, tiktoken.Encoding]:
+def load_artifacts(
+    artifacts: dict[str, str], device: str | torch.device = "auto"
+) -> tuple[GPT, Config, tiktoken.Encoding]:
     """The model (eval mode; bf16 on CUDA, fp32 elsewhere), its config and its encoding, from artifact paths.
 
     Raises UserError when the config or tokenizer file is unusable or the device is not available.
@@ -126,7 +128,7 @@ def load_artifacts(artifacts: dict[str, str], device: str = "auto") -> tuple[GPT
 
     cfg = config_module.load(artifacts[CONFIG])
     encoding = get_encoding(artifacts[TOKENIZER])
-    target = resolve_device(device, option="device")
+    target = device if isinstance(device, torch.device) else resolve_device(device, option="device")
     model = GPT(cfg.model)
     model.load_state_dict(export.read_gpt2_folder(Path(artifacts[WEIGHTS]), cfg.model))
     # bf16 halves the bytes each decode step reads; CPU matmuls are faster in fp32

@@ -7,6 +7,7 @@ so an unusable store fails in seconds with one line.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -86,15 +87,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail within seconds, before any training, when the store cannot be used."""
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                response.read()
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UserError(
-                f"tracking server {uri} is not reachable ({reason}); start it or choose another --tracking-uri"
-            ) from None
+        _check_server(uri, timeout)
     elif scheme == "sqlite":
         path = uri.split(":///", 1)[-1]
         if path and path != ":memory:":
@@ -107,6 +100,39 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
     elif scheme not in ("postgresql", "mysql", "mssql", "databricks") and "+" not in scheme:
         raise UserError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; use sqlite:///... or http://...")
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    """/health (no sign-in needed), then one signed-in read, so that wrong credentials fail here, not mid-run.
+
+    Credentials are MLflow's own: $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (HTTP basic,
+    as `mlflow server --app-name basic-auth` wants), or $MLFLOW_TRACKING_TOKEN (a bearer token).
+    """
+    base = uri.rstrip("/")
+    headers = {}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    signed_in = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+    unreachable = f"tracking server {uri} is not reachable ({{}}); start it or choose another --tracking-uri"
+    for request in (f"{base}/health", signed_in):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            if request is not signed_in:
+                raise UserError(unreachable.format(exc.reason)) from None
+            if exc.code in (401, 403):  # other answers are left to the MLflow client
+                user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+                who = f"user {user!r} and its password" if user else "no credentials"
+                raise UserError(
+                    f"tracking server {uri} refused {who} (HTTP {exc.code}); set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD to an account of that server"
+                ) from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise UserError(unreachable.format(getattr(exc, "reason", exc))) from None
 
 
 def _check_sqlite_file(uri: str, path: Path) -> None:
