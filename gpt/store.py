@@ -7,7 +7,6 @@ so an unusable store fails in seconds with one line.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import re
@@ -105,34 +104,30 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 def _check_server(uri: str, timeout: float) -> None:
     """/health (no sign-in needed), then one signed-in read, so that wrong credentials fail here, not mid-run.
 
-    Credentials are MLflow's own: $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (HTTP basic,
-    as `mlflow server --app-name basic-auth` wants), or $MLFLOW_TRACKING_TOKEN (a bearer token).
+    The read goes through MLflow's own request helper with MLflow's own credentials (MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials, as `mlflow server --app-name basic-auth`
+    wants; MLFLOW_TRACKING_TOKEN; TLS settings), exactly what the client will send.
     """
-    base = uri.rstrip("/")
-    headers = {}
-    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-    signed_in = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+    from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
+    from mlflow.utils.rest_utils import http_request
+
     unreachable = f"tracking server {uri} is not reachable ({{}}); start it or choose another --tracking-uri"
-    for request in (f"{base}/health", signed_in):
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                response.read()
-        except urllib.error.HTTPError as exc:
-            if request is not signed_in:
-                raise UserError(unreachable.format(exc.reason)) from None
-            if exc.code in (401, 403):  # other answers are left to the MLflow client
-                user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-                who = f"user {user!r} and its password" if user else "no credentials"
-                raise UserError(
-                    f"tracking server {uri} refused {who} (HTTP {exc.code}); set MLFLOW_TRACKING_USERNAME and "
-                    "MLFLOW_TRACKING_PASSWORD to an account of that server"
-                ) from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            raise UserError(unreachable.format(getattr(exc, "reason", exc))) from None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+        answer = http_request(
+            get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+            max_retries=0, timeout=timeout, raise_on_status=False, params={"max_results": 1},
+        )  # fmt: skip
+    except (urllib.error.URLError, TimeoutError, OSError, requests.RequestException) as exc:
+        raise UserError(unreachable.format(getattr(exc, "reason", exc))) from None
+    if answer.status_code in (401, 403):  # other answers are left to the MLflow client
+        user = read_mlflow_creds().username
+        who = f"user {user!r} and its password" if user else "no credentials"
+        raise UserError(
+            f"tracking server {uri} refused {who} (HTTP {answer.status_code}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to an account of that server"
+        )
 
 
 def _check_sqlite_file(uri: str, path: Path) -> None:

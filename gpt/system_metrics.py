@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,10 +40,11 @@ class SystemMetrics:
         uri = tracker.client.tracking_uri
         self.monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval_s, tracking_uri=uri)
         self.prefix = PREFIX + (f"{self.monitor.node_id}/" if self.monitor.node_id else "")
-        self.step = next_step(tracker)
+        self.step = self.first_step = next_step(tracker)
         self._stop = threading.Event()
         self.monitor.collect_metrics()  # primes psutil's CPU counters: a first reading is always 0 %
         self._clear()
+        self.last_reading = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
         self._thread.start()
 
@@ -65,14 +67,20 @@ class SystemMetrics:
             return
         self.tracker.log_metrics({self.prefix + key: value for key, value in values.items()}, self.step)
         self.step += 1
+        self.last_reading = time.monotonic()
 
     def stop(self) -> None:
-        """End the thread and spool a last reading, so that even a run shorter than the interval has one."""
+        """End the thread and spool a last reading, so that even a run shorter than the interval has one.
+
+        The reading is skipped within a second of the previous one: psutil's CPU share over a few
+        clock ticks is 0 or 100 %, no measurement.
+        """
         if self._stop.is_set():
             return
         self._stop.set()
         self._thread.join()
-        self.sample()
+        if self.step == self.first_step or time.monotonic() - self.last_reading >= 1.0:
+            self.sample()
 
 
 def next_step(tracker: Tracker) -> int:
