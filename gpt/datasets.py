@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from gpt.text import GUTENBERG_URL
 if TYPE_CHECKING:
     import torch
     from mlflow.entities import DatasetInput
+    from mlflow.tracking import MlflowClient
 
     from gpt.data import Corpus
     from gpt.tracking import Tracker
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT
 DIGEST_LENGTH = 16  # MLflow allows at most 36 characters
 _BOOK = re.compile(r"pg(\d+)")
+_COLLISION = re.compile(r"unique constraint|duplicate key|integrityerror", re.IGNORECASE)
 
 
 def file_spans(corpus: Corpus) -> list[tuple[int, int]]:
@@ -93,6 +96,25 @@ def dataset_records(corpus: Corpus, cache_dir: Path) -> list[dict[str, Any]]:
 def log_datasets(tracker: Tracker, corpus: Corpus, cache_dir: Path) -> None:
     """Spool the corpus's dataset inputs (delivered by tracker's sender with MlflowClient.log_inputs)."""
     tracker.log_datasets(dataset_records(corpus, cache_dir))
+
+
+def deliver_datasets(client: MlflowClient, run_id: str, records: list[dict[str, Any]], attempts: int = 5) -> None:
+    """Log dataset_records() as the run's inputs (MlflowClient.log_inputs); raises what MLflow raises.
+
+    MLflow stores a dataset once per experiment, reading before inserting: runs that log the same new
+    dataset at the same moment (a grid's workers) collide on the table's unique key, and all but one
+    fail. The dataset exists then, so logging again links it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=dataset_inputs(records))
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not _COLLISION.search(str(exc)):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def dataset_inputs(records: list[dict[str, Any]]) -> list[DatasetInput]:

@@ -130,8 +130,12 @@ def deliver_model(client: MlflowClient, run_id: str, item: dict[str, Any], local
 
     progress = _Progress(local_dir / f"model-{item['seq']}.json")
     if "model_id" not in progress.done:
-        experiment_id = client.get_run(run_id).info.experiment_id
-        model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="gpt")
+        run = client.get_run(run_id)
+        # as mlflow.pyfunc.log_model does: the run's params, and where it came from (the UI's "Logged from")
+        tags = {k: v for k, v in run.data.tags.items() if k.startswith("mlflow.source.")}
+        model = client.create_logged_model(
+            run.info.experiment_id, MODEL_NAME, run_id, tags=tags, params=run.data.params, model_type="gpt"
+        )
         progress.record("model_id", model.model_id)
     model_id = progress.done["model_id"]
     if "output" not in progress.done:  # the run's Logged models list, at the step (epoch) of the weights

@@ -14,6 +14,7 @@ $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (seconds) and $MLFLOW_SYSTEM_METRICS_NO
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -41,10 +42,8 @@ class SystemMetrics:
         self.monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval_s, tracking_uri=uri)
         self.prefix = PREFIX + (f"{self.monitor.node_id}/" if self.monitor.node_id else "")
         self.step = self.first_step = next_step(tracker)
-        self._stop = threading.Event()
-        self.monitor.collect_metrics()  # primes psutil's CPU counters: a first reading is always 0 %
-        self._clear()
         self.last_reading = time.monotonic()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
         self._thread.start()
 
@@ -53,7 +52,16 @@ class SystemMetrics:
             monitor.clear_metrics()
 
     def _run(self) -> None:
+        """Readings until stop(), then a last one (skipped within a second of the previous: psutil's CPU
+        share over a few clock ticks is 0 or 100 %), so that even a run shorter than the interval has one."""
+        # psutil keeps the CPU counters of cpu_percent() per thread, and its first answer is always 0 %
+        with contextlib.suppress(Exception):  # a monitor that fails here fails in sample(), which says so
+            self.monitor.collect_metrics()
+            self._clear()
+        self.last_reading = time.monotonic()
         while not self._stop.wait(float(self.monitor.sampling_interval)):
+            self.sample()
+        if self.step == self.first_step or time.monotonic() - self.last_reading >= 1.0:
             self.sample()
 
     def sample(self) -> None:
@@ -70,17 +78,10 @@ class SystemMetrics:
         self.last_reading = time.monotonic()
 
     def stop(self) -> None:
-        """End the thread and spool a last reading, so that even a run shorter than the interval has one.
-
-        The reading is skipped within a second of the previous one: psutil's CPU share over a few
-        clock ticks is 0 or 100 %, no measurement.
-        """
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join()
-        if self.step == self.first_step or time.monotonic() - self.last_reading >= 1.0:
-            self.sample()
+        """End the readings (the thread spools its last one first)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
 
 
 def next_step(tracker: Tracker) -> int:

@@ -155,9 +155,9 @@ def deliver(client: MlflowClient, run_id: str, item: dict[str, Any], local_dir: 
                 path = loss_curve(history, Path(folder) / item["file"], title=item.get("title", ""))
                 client.log_artifact(run_id, str(path), item["artifact_path"])
     elif kind == "datasets":
-        from gpt.datasets import dataset_inputs
+        from gpt.datasets import deliver_datasets
 
-        client.log_inputs(run_id, datasets=dataset_inputs(item["inputs"]))
+        deliver_datasets(client, run_id, item["inputs"])
     elif kind == "model":  # an MLflow Model folder: logged (and registered) step by step, resumably
         from gpt.logged_model import deliver_model
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from gpt.ablation.best_model import best_run, register_best
 from gpt.data import build_corpus
-from gpt.datasets import file_spans
+from gpt.datasets import deliver_datasets, file_spans
 from gpt.logged_model import using_store
 from gpt.run_summary import NOTE_TAG
 from gpt.tokenizer import get_encoding
@@ -115,6 +116,39 @@ def test_a_file_feeding_both_splits_is_cut_where_the_validation_tail_begins(tmp_
         ("head", "validation"): end0 - n_train,
         ("the_verdict", "validation"): end1 - start1,
     }
+
+
+def test_runs_logging_the_same_new_dataset_at_once_all_get_it(tmp_path: Path) -> None:
+    """MLflow inserts a new dataset after looking for it: simultaneous runs collide on its unique key."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("race")
+    records = [
+        {"name": "book", "digest": f"{n:016x}", "source_type": "local", "source": '{"uri": "/book.txt"}',
+         "profile": "{}", "context": "training"}
+        for n in range(3)
+    ]  # fmt: skip
+    runs = [client.create_run(experiment).info.run_id for _ in range(4)]
+    start, errors = threading.Barrier(len(runs)), []
+
+    def deliver(run_id: str) -> None:
+        own = MlflowClient(uri)
+        start.wait()
+        try:
+            deliver_datasets(own, run_id, records)
+        except Exception as exc:  # noqa: BLE001 - collected and shown by the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for run_id in runs:
+        assert sorted(i.dataset.digest for i in client.get_run(run_id).inputs.dataset_inputs) == [
+            r["digest"] for r in records
+        ]
 
 
 def test_system_metrics_are_logged_under_the_names_the_ui_charts(trained: Trained) -> None:
