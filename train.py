@@ -99,9 +99,7 @@ def main(
     """
     ranks = distributed.from_environment()
     echo = click.echo if ranks.is_main else _silent
-    check_registered_name(register_model)
-    if no_log_model and (register_model or log_model_run):
-        raise UserError("--no-log-model logs no model, so there is nothing to register or log: drop one of them")
+    check_model_options(no_log_model, register_model, log_model_run)
     if log_model_run:
         conflicts = {"--config": config_path, "--data": data, "--resume": resume, "--replay": replay_dir}
         _log_model(log_model_run, conflicts, tracking_uri, tokenizer_file, register_model)
@@ -171,6 +169,13 @@ def main(
     click.echo(f"browse: {ui_link(options.tracking_uri, result.experiment_id, result.run_id)}")
     click.echo(f"run_id: {result.run_id}")
     raise SystemExit(result.exit_code)
+
+
+def check_model_options(no_log_model: bool, register_model: str | None, log_model_run: str | None) -> None:
+    """--register-model NAME must be a valid name, and --no-log-model goes with neither model option."""
+    check_registered_name(register_model)
+    if no_log_model and (register_model or log_model_run):
+        raise UserError("--no-log-model logs no model, so there is nothing to register or log: drop one of them")
 
 
 def _log_model(

@@ -325,6 +325,8 @@ def _train_run(
                 log_datasets(tracker, prepared.corpus, options.cache_dir)
             trainer.fit()
             checkpoints.write(trainer)
+            if options.log_model:  # a finished run's best model (a Ctrl-C while it is written ends the run KILLED)
+                spool_model(tracker, checkpoints.folder, encoding, options.register_model, options.echo)
         except Interrupted as exc:
             trainer.on_step.close()  # the bar of the abandoned epoch
             reporter.log_steps(exc.step_points)
@@ -353,8 +355,6 @@ def _train_run(
     stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
     try:
         log_summary(tracker, title, cfg, prepared.n_params, prepared.corpus, trainer.state)
-        if status == "FINISHED" and options.log_model:
-            spool_model(tracker, checkpoints.folder, encoding, options.register_model, options.echo)
         if artifacts is None:  # a remote artifact store: upload the final checkpoints once
             for name in sorted(checkpoints.written):
                 tracker.log_file(checkpoints.folder / name, "checkpoints", snapshot=False)

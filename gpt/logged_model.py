@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,13 +36,13 @@ if TYPE_CHECKING:
 
 MODEL_NAME = "model"  # the Logged Model's name, so runs:/<run_id>/model finds it
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS
-_REGISTERED_NAME = re.compile(r"^[^/:%]{1,256}$")
+_REGISTERED_NAME = re.compile(r"^[^/:%@]{1,256}$")  # MLflow refuses / and :, and @ would read as an alias
 
 
 def check_registered_name(name: str | None) -> str | None:
-    """A registered model name MLflow accepts (no '/', ':' or '%'); UserError otherwise."""
-    if name is not None and (not _REGISTERED_NAME.match(name) or not name.strip()):
-        raise UserError(f"registered model name {name!r} is not allowed: use 1-256 characters without / : or %")
+    """A registered model name that MLflow accepts and models:/NAME@alias can name; UserError otherwise."""
+    if name is not None and (not _REGISTERED_NAME.match(name) or name.strip() in ("", ".", "..")):
+        raise UserError(f"registered model name {name!r} is not allowed: use 1-256 characters without / : % or @")
     return name
 
 
@@ -100,6 +101,7 @@ def spool_model(
     try:
         step = model_from_checkpoint(path, encoding, target)
     except Exception as exc:  # noqa: BLE001 - the run itself is done and fine: say so, and how to log it later
+        shutil.rmtree(target.parent, ignore_errors=True)  # a partial folder, as large as the model
         echo(f"warning: the model was not logged ({type(exc).__name__}: {str(exc)[:200]}); {retry}")
         return False
     tracker.log_model(target, register_as, step)
@@ -258,7 +260,7 @@ def load_model_uri(
     from mlflow.models import Model
 
     from gpt.mlflow_model import load_artifacts, model_folder_artifacts
-    from gpt.store import check_tracking_uri, resolve_tracking_uri
+    from gpt.store import check_tracking_uri, resolve_tracking_uri, sqlite_path
 
     if not _MODEL_URI.match(uri):
         raise UserError(
@@ -267,6 +269,9 @@ def load_model_uri(
         )
     store = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(store)
+    database = sqlite_path(store)
+    if database is not None and not database.is_file():  # MLflow would create an empty store to look in
+        raise UserError(f"no MLflow store at {database} ({store}): pass --tracking-uri or set MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(prefix="gpt-model-") as folder, using_store(store), _quiet_copies():
         try:
             local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=folder))

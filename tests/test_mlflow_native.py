@@ -223,6 +223,32 @@ def test_the_registered_version_is_found_by_name_and_alias(trained: Trained) -> 
         assert generate(trained.uri, "--model", uri, "--temperature", "0") == greedy, uri
 
 
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ("my-model", [], "--model 'my-model': give models:/NAME/VERSION"),
+        (f"models:/{NAME}/7", [], f"cannot fetch model models:/{NAME}/7 from sqlite:///"),
+        (f"models:/{NAME}/1", ["--run", "0" * 32], "--model samples from a logged MLflow Model: drop --run"),
+    ],
+    ids=["not-a-uri", "no-such-version", "with-run"],
+)
+def test_model_uri_mistakes_are_one_line_errors(trained: Trained, model: str, extra: list, message: str) -> None:
+    result = CliRunner().invoke(
+        generate_script.main, ["--tracking-uri", trained.uri, "--model", model, "--prompt", "It was", *extra]
+    )
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_model_uri_against_a_missing_store_creates_none(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/nothing.db"
+    result = CliRunner().invoke(
+        generate_script.main, ["--tracking-uri", uri, "--model", "models:/x/1", "--prompt", "a"]
+    )
+    assert result.exit_code == 2 and "no MLflow store at" in result.output, result.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_mlflow_models_serve_answers_a_prompt(trained: Trained, tmp_path: Path) -> None:
     port = free_port()
     env = subprocess_env(MLFLOW_TRACKING_URI=trained.uri)
