@@ -10,29 +10,18 @@ python ablate.py slurm grid.yaml --partition gpu    # a Slurm job array: task k 
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
 
 import click
-from mlflow.tracking import MlflowClient
 
-from gpt.ablation.best_model import register_best
-from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, plan_rows
+from gpt import env
+from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
-from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
-from gpt.ablation.slurm import SlurmOptions, check, job_script
-from gpt.ablation.workers import parse_shard
-from gpt.cli import friendly_errors
-from gpt.data import build_corpus
+from gpt.cli import CONTEXT, cache_dir_option, friendly_errors, tokenizer_file_option, tracking_uri_option
 from gpt.errors import UserError
 from gpt.logged_model import check_registered_name
-from gpt.store import resolve_tracking_uri, sqlite_folder, ui_link
-from gpt.text import default_cache_dir
-from gpt.tokenizer import get_encoding
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def grid_options(command):
@@ -44,10 +33,10 @@ def grid_options(command):
         click.option("--vary", multiple=True, metavar="KEY=L1,L2", help="A factor and its levels; repeatable."),
         click.option("--seeds", help="Replicate seeds, e.g. 0,1,2."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every cell."),
-        click.option("--design", type=click.Choice(["grid", "one-at-a-time"]), help="Cartesian or one-at-a-time."),
+        click.option("--design", type=click.Choice(list(DESIGNS)), help="Cartesian or one-at-a-time."),
         click.option("--name", help="Grid name (default: the grid file's, else derived from the factors)."),
-        click.option("--tokenizer-file", type=click.Path(dir_okay=False), help="Local GPT-2 ranks file."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), help="Downloads and token caches."),
+        tokenizer_file_option,
+        cache_dir_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -57,8 +46,11 @@ def grid_options(command):
 def build_cells(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir):
     """Load the grid, build its corpus once, and expand it into runnable and skipped cells."""
     spec = load_grid(grid_file, base=base, data=data, vary=vary, seeds=seeds, sets=sets, design=design, name=name)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    tokenizer_file = tokenizer_file or os.environ.get("GPT_TIKTOKEN_FILE")
+    from gpt.data import build_corpus  # the heavy imports come once the grid is known to be sound
+    from gpt.tokenizer import get_encoding
+
+    cache = Path(cache_dir).expanduser() if cache_dir else env.cache_dir()
+    tokenizer_file = tokenizer_file or env.tiktoken_file()
     varies_data = any(key in CORPUS_KEYS for key in spec.factor_keys)
     corpus = None
     if not varies_data:  # one corpus serves every cell: count tokens once to skip windowless cells
@@ -92,9 +84,7 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
 @main.command(context_settings=CONTEXT)
 @grid_options
 @click.option("--experiment", help="MLflow experiment (default: the grid's name).")
-@click.option(
-    "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
-)
+@tracking_uri_option
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Cells trained at once.")
 @click.option("--gpus", help="GPUs to spread cells over, e.g. 0,1,2,3 (counted within $CUDA_VISIBLE_DEVICES).")
 @click.option("--per-gpu", type=click.IntRange(1, 64), default=1, show_default=True, help="Cells per GPU at once.")
@@ -108,6 +98,10 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         workers, gpus, per_gpu, shard, target_loss, out_dir, no_log_model, register_model) -> None:  # fmt: skip
     """Train every cell of a grid (skipping finished ones), then compare them."""
     check_registered_name(register_model)
+    from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
+    from gpt.ablation.workers import parse_shard
+    from gpt.store import resolve_tracking_uri
+
     spec, cells, skipped, _, cache, tokenizer_file = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
@@ -135,11 +129,7 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         try:
             report(outcome.parent_run_id, uri, target_loss, out_dir)
             if register_model:
-                best, version = register_best(outcome.parent_run_id, uri, register_model, tokenizer_file)
-                click.echo(
-                    f"registered models:/{register_model}/{version}: cell {best.run_name} (mean best val loss "
-                    f"{best.cell_mean:.4f} over {best.seeds} seeds), run {best.run_id} ({best.best_val_loss:.4f})"
-                )
+                register_best_model(outcome.parent_run_id, uri, register_model, tokenizer_file)
         finally:
             click.echo(f"parent run {close_parent(uri, outcome)}")
     else:  # other shards (or processes) still have cells: the last one to finish reports and ends the parent
@@ -180,6 +170,9 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
           tasks, max_running, partition, account, time_limit, gpus_per_task, gres, per_gpu, cpus_per_task, mem, extra,
           log_dir, python, target_loss, output) -> None:  # fmt: skip
     """Write a Slurm job-array script that trains the grid's cells, one array task per cell."""
+    from gpt.ablation.slurm import SlurmOptions, check, job_script
+    from gpt.store import resolve_tracking_uri, sqlite_path
+
     spec, cells, skipped, _, _, tokenizer_file = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
@@ -207,10 +200,11 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
     )
     check(options, len(cells))
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).expanduser().resolve()}"  # the same file from every node
+    store = sqlite_path(uri)
+    if store is not None:
+        uri = f"sqlite:///{store}"  # the same file from every node
         click.echo(
-            f"note: every task writes to the SQLite file {uri[len('sqlite:///') :]}; that needs a shared file "
+            f"note: every task writes to the SQLite file {store}; that needs a shared file "
             "system and suits a few tasks; for more, run a tracking server (docs/team-server.md)",
             err=True,
         )
@@ -227,25 +221,29 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
 
 @main.command(context_settings=CONTEXT)
 @click.argument("parent_run_id")
-@click.option(
-    "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
-)
+@tracking_uri_option
 @click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Where the report files go.")
 @friendly_errors
 def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
     """Compare the cells of a grid from MLflow: table, curves, main effects, fits (logged to the parent)."""
+    from gpt.store import resolve_tracking_uri, sqlite_path
+
     uri = resolve_tracking_uri(tracking_uri)
-    folder = sqlite_folder(uri)
-    if folder is not None and not Path(uri[len("sqlite:///") :]).expanduser().is_file():
-        raise UserError(f"no MLflow store at {uri}; pass the --tracking-uri the grid was run with")
+    store = sqlite_path(uri)
+    if store is not None and not store.is_file():
+        raise UserError(f"no MLflow store at {store} ({uri}); pass the --tracking-uri the grid was run with")
     report(parent_run_id, uri, target_loss, out_dir)
 
 
 def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str | None) -> None:
-    from gpt.ablation.report import compare as analyse  # pandas/scipy load only when needed
+    """Compare the grid's runs, write the report (and log it to the parent run), print the table and links."""
+    from mlflow.tracking import MlflowClient
 
-    folder = Path(out_dir) if out_dir else (sqlite_folder(uri) or default_cache_dir()) / "reports" / parent_run_id
+    from gpt.ablation.report import compare as analyse
+    from gpt.store import sqlite_folder, ui_link
+
+    folder = Path(out_dir) if out_dir else (sqlite_folder(uri) or env.cache_dir()) / "reports" / parent_run_id
     table, files = analyse(parent_run_id, folder, uri, target_loss)
     click.echo(table)
     click.echo(f"report: {folder / 'report.md'} (also on the parent run in MLflow)")
@@ -253,7 +251,19 @@ def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str
     click.echo(f"browse: {ui_link(uri, experiment_id, parent_run_id)}")
 
 
+def register_best_model(parent_run_id: str, uri: str, name: str, tokenizer_file: str | None) -> None:
+    """--register-model: the grid's best model as the next version of NAME (gpt.ablation.best_model)."""
+    from gpt.ablation.best_model import register_best
+
+    best, version = register_best(parent_run_id, uri, name, tokenizer_file)
+    click.echo(
+        f"registered models:/{name}/{version}: cell {best.run_name} (mean best val loss {best.cell_mean:.4f} over "
+        f"{best.seeds} seeds), run {best.run_id} ({best.best_val_loss:.4f})"
+    )
+
+
 def parse_gpus(text: str | None) -> list[int]:
+    """--gpus 0,1,2 -> [0, 1, 2]; UserError for anything else."""
     if not text:
         return []
     try:

@@ -7,18 +7,31 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
-from gpt import runs, sampling
-from gpt.cli import Command, friendly_errors
+from gpt import env
+from gpt.cli import (
+    CONTEXT,
+    Command,
+    cache_dir_option,
+    device_option,
+    friendly_errors,
+    tokenizer_file_option,
+    tracking_uri_option,
+)
+from gpt.config import Sampling
 from gpt.errors import UserError
-from gpt.logged_model import load_model_uri
-from gpt.trainer import resolve_device
+from gpt.text import read_prompt
+
+if TYPE_CHECKING:
+    import tiktoken
+
+    from gpt.model import GPT
 
 
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--run", "run_id", help="MLflow run id whose checkpoint to sample from.")
 @click.option(
     "--checkpoint",
@@ -40,14 +53,14 @@ from gpt.trainer import resolve_device
 @click.option("--top-p", type=float, help="Sample among the most likely tokens whose probability reaches p.")
 @click.option("--num-samples", type=int, default=1, show_default=True, help="Continuations, generated as a batch.")
 @click.option("--seed", type=int, help="Same seed, same text (default: a random seed, printed).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@device_option
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (one sample).")
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole window for every token (the reference).")
 @click.option("--no-cuda-graph", is_flag=True, help="Decode without CUDA graphs on a GPU.")
 @click.option("--log", "log_to_run", is_flag=True, help="Save prompt, settings and text to the run's generations/.")
-@click.option(
-    "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
-)
+@tracking_uri_option
+@tokenizer_file_option
+@cache_dir_option
 @friendly_errors
 def main(
     run_id,
@@ -67,6 +80,8 @@ def main(
     no_cuda_graph,
     log_to_run,
     tracking_uri,
+    tokenizer_file,
+    cache_dir,
 ):
     """Continue a prompt with the model of a tracked training run.
 
@@ -77,21 +92,25 @@ def main(
     python generate.py --model models:/my-gpt/1 --prompt "Alice was"
     """
     # every check that needs no model runs first, so a typo costs no loading time
-    settings = sampling.Sampling(temperature, top_k, top_p)
-    if max_tokens < 1 or num_samples < 1:
-        raise UserError(f"--max-tokens and --num-samples must be at least 1, got {max_tokens} and {num_samples}")
-    if stream and num_samples > 1:
-        raise UserError(f"--stream prints one sample as it is generated; use --num-samples 1 (got {num_samples})")
-    check_source(run_id, checkpoint, model_uri, log_to_run)
-    text = sampling.read_prompt(prompt, prompt_file)
-    torch_device = resolve_device(device, option="--device")
+    settings = Sampling(temperature, top_k, top_p)
+    _check_options(run_id, checkpoint, max_tokens, num_samples, stream, log_to_run, model_uri)
+    text = read_prompt(prompt, prompt_file)
 
+    import torch  # the heavy imports come once the options are known to be sound
+
+    from gpt import runs, sampling
+    from gpt.device import resolve_device
+
+    torch_device = resolve_device(device or "auto", option="--device")
+    cache = Path(cache_dir).expanduser() if cache_dir else env.cache_dir()
     if model_uri:
+        from gpt.logged_model import load_model_uri
+
         model, cfg, encoding, info = load_model_uri(model_uri, torch_device, tracking_uri)
         path, run_id = model_uri, info["run_id"]  # --log writes to the run that logged the model
     else:
-        path = runs.find_checkpoint(run_id, checkpoint, tracking_uri) if run_id else Path(checkpoint)
-        model, cfg, encoding, info = sampling.load_model(path, torch_device)
+        path = runs.find_checkpoint(run_id, checkpoint, tracking_uri, cache) if run_id else Path(checkpoint)
+        model, cfg, encoding, info = sampling.load_model(path, torch_device, tokenizer_file)
         if run_id and info["run_id"] not in (None, run_id):
             raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
     ids = sampling.encode_prompt(encoding, text)
@@ -102,21 +121,8 @@ def main(
         click.echo(f"the prompt has {len(ids)} tokens; the model sees the last {cfg.model.context_length}", err=True)
 
     options = {"generator": generator, "kv_cache": not no_kv_cache, "cuda_graph": not no_cuda_graph}
-    eot = encoding.eot_token
     start = time.perf_counter()
-    if stream:
-        tokens: list[int] = []
-        pieces = sampling.stream(model, ids, max_tokens, settings, stop_token=eot, **options)
-        for piece in sampling.text_pieces(encoding, _collect(pieces, tokens)):
-            click.echo(piece, nl=False)  # click.echo flushes, so each piece shows at once
-        click.echo()
-        rows = [tokens]
-    else:
-        rows = sampling.generate(model, ids, max_tokens, settings, num_samples, stop_token=eot, **options)
-        for number, row in enumerate(rows, 1):
-            if num_samples > 1:
-                click.echo(f"--- sample {number}/{num_samples} ---")
-            click.echo(encoding.decode(row))
+    rows = _sample(model, encoding, ids, max_tokens, settings, num_samples, stream, options)
     seconds = time.perf_counter() - start
     count = sum(len(row) for row in rows)
     click.echo(f"{count} tokens in {seconds:.2f} s ({count / seconds:,.1f} tokens/s)", err=True)
@@ -140,8 +146,20 @@ def main(
         click.echo(f"logged {artifact} to run {run_id}", err=True)
 
 
-def check_source(run_id: str | None, checkpoint: str, model_uri: str | None, log_to_run: bool) -> None:
-    """Exactly one model to sample from: --run [--checkpoint], --checkpoint FILE or --model URI."""
+def _check_options(
+    run_id: str | None,
+    checkpoint: str,
+    max_tokens: int,
+    num_samples: int,
+    stream: bool,
+    log_to_run: bool,
+    model_uri: str | None = None,
+) -> None:
+    """The option combinations that make no sense, each a UserError that says what to give instead."""
+    if max_tokens < 1 or num_samples < 1:
+        raise UserError(f"--max-tokens and --num-samples must be at least 1, got {max_tokens} and {num_samples}")
+    if stream and num_samples > 1:
+        raise UserError(f"--stream prints one sample as it is generated; use --num-samples 1 (got {num_samples})")
     if model_uri:
         if run_id or checkpoint != "best":
             raise UserError("--model samples from a logged MLflow Model: drop --run and --checkpoint")
@@ -154,6 +172,35 @@ def check_source(run_id: str | None, checkpoint: str, model_uri: str | None, log
         raise UserError(f"give --run RUN_ID, or --checkpoint naming a local .pt file (there is no file {checkpoint!r})")
     if run_id is None and log_to_run:
         raise UserError("--log adds the text to a run: give --run RUN_ID")
+
+
+def _sample(
+    model: GPT,
+    encoding: tiktoken.Encoding,
+    ids: list[int],
+    max_tokens: int,
+    settings: Sampling,
+    num_samples: int,
+    stream: bool,
+    options: dict[str, Any],
+) -> list[list[int]]:
+    """Generate and print the samples (streamed token by token with --stream); their token ids."""
+    from gpt import sampling
+
+    eot = encoding.eot_token
+    if stream:
+        tokens: list[int] = []
+        pieces = sampling.stream(model, ids, max_tokens, settings, stop_token=eot, **options)
+        for piece in sampling.text_pieces(encoding, _collect(pieces, tokens)):
+            click.echo(piece, nl=False)  # click.echo flushes, so each piece shows at once
+        click.echo()
+        return [tokens]
+    rows = sampling.generate(model, ids, max_tokens, settings, num_samples, stop_token=eot, **options)
+    for number, row in enumerate(rows, 1):
+        if num_samples > 1:
+            click.echo(f"--- sample {number}/{num_samples} ---")
+        click.echo(encoding.decode(row))
+    return rows
 
 
 def _collect(tokens: Iterator[int], into: list[int]) -> Iterator[int]:

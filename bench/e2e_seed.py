@@ -51,10 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt import config as config_module  # noqa: E402
+from gpt import env  # noqa: E402
 from gpt.data import epoch_order  # noqa: E402
 from gpt.job import JobOptions, prepare, train  # noqa: E402
 from gpt.store import ensure_experiment, open_client  # noqa: E402
-from gpt.text import default_cache_dir  # noqa: E402
 from gpt.trainer import Trainer  # noqa: E402
 
 ALICE = ROOT.parent / "shared" / "corpus" / "alice_in_wonderland.txt"
@@ -177,7 +177,7 @@ def measure(cfg: config_module.Config, uri: str) -> tuple[Measured, Trainer]:
     options = JobOptions(
         experiment=EXPERIMENT,
         tracking_uri=uri,
-        cache_dir=default_cache_dir(),
+        cache_dir=env.cache_dir(),
         tokenizer_file=os.environ.get("GPT_TIKTOKEN_FILE"),
         progress=False,
         echo=functools.partial(print, flush=True),

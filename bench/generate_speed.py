@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt import config as config_module  # noqa: E402
-from gpt.model import GPT, count_parameters  # noqa: E402
+from gpt.device import resolve_device  # noqa: E402
+from gpt.model import GPT  # noqa: E402
 from gpt.sampling import Sampling, decode  # noqa: E402
+from gpt.sizes import count_parameters  # noqa: E402
 from gpt.tokenizer import get_encoding  # noqa: E402
-from gpt.trainer import resolve_device  # noqa: E402
 
 PROMPT = "Every effort moves you"
 SAMPLING = Sampling(temperature=1.0, top_k=25)  # the seed's sampling settings

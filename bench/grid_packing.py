@@ -40,8 +40,10 @@ sys.path.insert(0, str(ROOT))
 from gpt import config as config_module  # noqa: E402
 from gpt.ablation.workers import gpu_slots, init_worker  # noqa: E402
 from gpt.data import Corpus  # noqa: E402
-from gpt.model import GPT, count_parameters  # noqa: E402
-from gpt.trainer import Trainer, resolve_device  # noqa: E402
+from gpt.device import resolve_device  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from gpt.sizes import count_parameters  # noqa: E402
+from gpt.trainer import Trainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt import config as config_module  # noqa: E402
+from gpt import env  # noqa: E402
 from gpt.job import JobOptions, train  # noqa: E402
-from gpt.text import default_cache_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT = ROOT.parent / "shared" / "corpus" / "the_verdict.txt"
@@ -105,7 +105,7 @@ def main(epochs: int, data: str, warmup: int, print_every: int, threads: int) ->
         options = JobOptions(
             experiment="memory",
             tracking_uri=f"sqlite:///{folder}/mlflow.db",
-            cache_dir=default_cache_dir(),
+            cache_dir=env.cache_dir(),
             tokenizer_file=os.environ.get("GPT_TIKTOKEN_FILE"),
             echo=on_line,
         )

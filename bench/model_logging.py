@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt import config as config_module  # noqa: E402
-from gpt.logged_model import deliver_model, using_store  # noqa: E402
+from gpt.delivery import deliver_model  # noqa: E402
+from gpt.logged_model import using_store  # noqa: E402
 from gpt.mlflow_model import save_model_folder  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.tokenizer import get_encoding  # noqa: E402

@@ -12,7 +12,7 @@ drift in the machine's speed hits all of them alike:
 
 Peak memory is torch.cuda.max_memory_allocated over a timed epoch; on a CPU there is no such counter.
 
-MFU is model FLOPs per token (6N + attention, gpt.model.flops_per_token) x tokens/s divided by the
+MFU is model FLOPs per token (6N + attention, gpt.sizes.flops_per_token) x tokens/s divided by the
 matmul rate measured in this same process (bf16 on CUDA, fp32 on CPU).
 
   python bench/train_speed.py                 # GPU: seed config (configs/gpt2-128.yaml), batch 64
@@ -34,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from gpt import config as config_module  # noqa: E402
 from gpt.data import Corpus  # noqa: E402
-from gpt.model import GPT, flops_per_token  # noqa: E402
-from gpt.trainer import Trainer, resolve_device  # noqa: E402
+from gpt.device import resolve_device  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from gpt.sizes import flops_per_token  # noqa: E402
+from gpt.trainer import Trainer  # noqa: E402
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:

@@ -20,11 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt import config as config_module  # noqa: E402
+from gpt import env  # noqa: E402
 from gpt.data import build_corpus  # noqa: E402
+from gpt.device import resolve_device  # noqa: E402
 from gpt.model import GPT  # noqa: E402
-from gpt.text import default_cache_dir  # noqa: E402
 from gpt.tokenizer import get_encoding  # noqa: E402
-from gpt.trainer import Trainer, resolve_device  # noqa: E402
+from gpt.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         [f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.compile=false", *args.overrides],
     )
     cfg.data.files = [args.data]
-    corpus = build_corpus(cfg, get_encoding(), default_cache_dir())
+    corpus = build_corpus(cfg, get_encoding(), env.cache_dir())
     torch.manual_seed(cfg.train.seed)
     trainer = Trainer(cfg, GPT(cfg.model), corpus, resolve_device(cfg.train.device))
     print(f"{len(corpus.train)} train / {len(corpus.val)} val tokens, {trainer.steps_per_epoch} steps per epoch")

@@ -1,11 +1,13 @@
-"""Checkpoints: written atomically, loaded with weights_only=True, carrying their own config.
+"""The checkpoint format: what a training checkpoint holds, how it is built from a trainer and restored
+into one, written atomically and read with weights_only=True.
 
 A checkpoint is a plain dict of tensors and primitive values, so `torch.load(weights_only=True)`
 can read it and a checkpoint file can never run code:
-  format, config (nested dict), model (state_dict), optimizer (state_dict or None),
-  epoch (last finished epoch, 1-based), step, best_val_loss, rng (Python, NumPy, torch CPU/CUDA/MPS
-  states), tokenizer. Training checkpoints add state (the trainer's TrainState), run_id, data (path,
-  sha256 and tokens of each file trained on) and tracking_uri, so a run can be resumed from the file alone.
+  format, config (nested dict), model (state_dict), optimizer (state_dict), state (gpt.state.TrainState:
+  epoch, step, best val loss... stored there only), rng (Python, NumPy, torch CPU/CUDA/MPS states),
+  tokenizer, run_id, and what the job adds: data (path, sha256 and tokens of each file trained on) and
+  tracking_uri, so a run can be resumed from the file alone.
+Format 1 also stored epoch, step and best_val_loss at the top level; both formats are read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,8 +24,63 @@ import torch
 from gpt import config as config_module
 from gpt.config import Config
 from gpt.errors import UserError
+from gpt.state import TrainState
 
-FORMAT = "gpt-mlflow-checkpoint/1"
+FORMAT = "gpt-mlflow-checkpoint/2"
+READABLE = ("gpt-mlflow-checkpoint/1", FORMAT)
+TRAINING_KEYS = ("config", "model", "optimizer", "state", "rng", "run_id")  # what resuming needs
+
+
+class Trainable(Protocol):
+    """What a checkpoint is built from and restored into (gpt.trainer.Trainer)."""
+
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+
+
+def payload(trainer: Trainable, run_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A training checkpoint of the trainer as it stands (tensors are the live ones: snapshot or save it
+    before training goes on). extra: what the job adds (data, tracking_uri)."""
+    return {
+        "config": trainer.cfg.to_dict(),
+        "model": model_state(trainer.model),
+        "optimizer": trainer.optimizer.state_dict(),
+        "state": trainer.state.to_dict(),
+        "rng": rng_state(),
+        "tokenizer": {"name": "gpt2"},
+        "run_id": run_id,
+        **(extra or {}),
+    }
+
+
+def restore(trainer: Trainable, payload: dict[str, Any], source: str = "the checkpoint") -> None:
+    """Put a training checkpoint's weights, optimizer state, position and random generators into a new
+    trainer of the same config. Raises UserError (naming `source`) when the checkpoint does not fit.
+
+    Call it right before training starts: the random generators it restores are the ones the next step draws from.
+    """
+    require(payload, TRAINING_KEYS, source)
+    load_model_state(trainer.model, payload["model"], source)
+    trainer.state = TrainState.from_dict(payload["state"], source)
+    if payload["optimizer"]:
+        try:
+            trainer.optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{source}: its optimizer state does not fit the model ({exc})") from None
+    set_rng_state(payload["rng"], source)
+
+
+def position(payload: dict[str, Any]) -> dict[str, Any]:
+    """epoch (finished, 1-based), step, best_val_loss and run_id of a checkpoint of either format."""
+    state = payload.get("state") if isinstance(payload.get("state"), dict) else payload
+    return {
+        "epoch": state.get("epoch"),
+        "step": state.get("step"),
+        "best_val_loss": state.get("best_val_loss"),
+        "run_id": payload.get("run_id"),
+    }
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,7 +162,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except Exception as exc:  # the weights-only unpickler also raises IndexError, KeyError... on foreign bytes
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint {path} is truncated, corrupt or not from this tool ({reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE:
         raise UserError(f"checkpoint {path} is not a checkpoint of this tool (expected format {FORMAT})")
     return payload
 
@@ -118,6 +175,7 @@ def require(payload: dict[str, Any], keys: Iterable[str], source: str) -> None:
 
 
 def config_of(payload: dict[str, Any], source: str = "checkpoint") -> Config:
+    """The validated Config a checkpoint carries; UserError when it has none or an invalid one."""
     if not isinstance(payload.get("config"), dict):
         raise UserError(f"{source} holds no config (expected a mapping under 'config')")
     return config_module.validate(config_module.from_dict(payload["config"], source=source))

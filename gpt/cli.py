@@ -1,7 +1,9 @@
-"""What the three scripts share: turning user mistakes into one-line errors and exit codes.
+"""What the three scripts share: their common options, and user mistakes turned into one-line errors.
 
 Use both: `@click.command(cls=Command)` makes Click's own usage errors (a bad option value, an
-unknown option) one line; `@friendly_errors` does the same for everything the command raises.
+unknown option) one line; `@friendly_errors` does the same for everything the command raises, after
+checking the environment variables (gpt.env). This module imports nothing heavy, so that `--help`
+and a mistake in the options answer at once; the scripts import torch and MLflow only to do the work.
 """
 
 from __future__ import annotations
@@ -14,8 +16,29 @@ from typing import Any
 
 import click
 
+from gpt import env
 from gpt.errors import UserError
-from gpt.store import quiet_client_retries
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+# The options of the same name in train.py, generate.py and ablate.py, defined once.
+tracking_uri_option = click.option(
+    "--tracking-uri",
+    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).",
+)
+tokenizer_file_option = click.option(
+    "--tokenizer-file",
+    type=click.Path(dir_okay=False),
+    help="Local GPT-2 ranks file, for use offline (default $GPT_TIKTOKEN_FILE, else download once).",
+)
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Downloads, cleaned texts and token caches (default $GPT_CACHE_DIR, else ~/.cache/gpt-mlflow).",
+)
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="Where to run (default auto)."
+)
 
 
 class Command(click.Command):
@@ -24,6 +47,7 @@ class Command(click.Command):
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
     ) -> click.Context:
+        """Click's context, or a one-line usage error and exit 2."""
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as exc:
@@ -39,13 +63,15 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a Click command body: UserError -> 'error: ...' and its exit code; no traceback unless --debug."""
+    """Run a Click command body after checking the environment: UserError -> 'error: ...' and its exit
+    code; Ctrl-C -> exit 130; anything else -> one line and exit 1. --debug shows tracebacks instead."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
-        quiet_client_retries()
+        env.quiet_mlflow_client()
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating tables
         try:
+            env.check()
             return command(*args, **kwargs)
         except UserError as exc:
             if debug:

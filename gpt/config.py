@@ -7,6 +7,7 @@ Everything is checked before any work starts; each mistake raises UserError nami
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -19,80 +20,113 @@ import yaml
 from gpt.errors import UserError
 
 
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    identity: bool = True,
+    resumable: bool = False,
+) -> Any:
+    """A config field and what it is.
+
+    identity: the key defines the experiment (what is learned), so it enters an ablation cell's id
+    (gpt.ablation.grid.cell_id); keys that only say where, how fast or how often something is done or
+    reported do not. resumable: `train.py --resume` may change it, because it changes nothing the
+    run's logged params describe.
+    """
+    metadata = {"identity": identity, "resumable": resumable}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50257
-    context_length: int = 128
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    dropout: float = 0.1
-    qkv_bias: bool = False
-    tie_weights: bool = False
-    # "seed": PyTorch's default init, as the seed (embeddings N(0, 1)); it learns a 5,000-token
-    # text in 10 epochs where GPT-2's N(0, 0.02) init stalls near the unigram loss (bench/verdict_learns.py)
-    init: str = "seed"
+    """The GPT's shape (see gpt.model.GPT); every key but loss_chunk_rows defines the experiment."""
+
+    vocab_size: int = setting(50257)  # GPT-2's BPE; the embedding is padded to a multiple of 64 inside
+    context_length: int = setting(128)  # positions the model can attend to (tokens)
+    emb_dim: int = setting(768)  # width; divisible by n_heads
+    n_heads: int = setting(12)
+    n_layers: int = setting(12)
+    dropout: float = setting(0.1)  # on embeddings, attention weights and residual branches
+    qkv_bias: bool = setting(False)
+    tie_weights: bool = setting(False)  # share the token embedding with the LM head
+    # "pytorch": PyTorch's default init, as the reference code (embeddings N(0, 1)); it learns a
+    # 5,000-token text in 10 epochs where GPT-2's N(0, 0.02) init ("gpt2") stalls near the unigram loss
+    # (bench/verdict_learns.py). "seed", its former name, is still read.
+    init: str = setting("pytorch")
     # rows of hidden states per chunk of the fused LM head + cross-entropy, which never holds more than one
-    # chunk's logits (the seed config's full fp32 logits are 1.6 GB); 0 computes the full logits as the seed
-    loss_chunk_rows: int = 0
+    # chunk's logits (the reference config's full fp32 logits are 1.6 GB); 0 computes the full logits.
+    # How the loss is computed, not what: like train.compile
+    loss_chunk_rows: int = setting(0, identity=False, resumable=True)
 
 
 @dataclass
 class DataConfig:
-    files: list[str] = field(default_factory=list)  # paths, globs or gutenberg:<id>
-    max_length: int | None = None  # window length; None means model.context_length
-    stride: int | str | None = None  # tokens, or "0.5x" of max_length; None means max_length
-    val_fraction: float = 0.1  # tail of the token stream held out, before windowing
-    clean: bool = True  # collapse runs of whitespace and newlines to one space, as the seed
-    strip_gutenberg: bool = True  # drop Project Gutenberg header/footer when the markers exist
+    """Which text, cut how: every key defines the experiment."""
+
+    files: list[str] = setting(factory=list)  # paths, globs or gutenberg:<id>
+    max_length: int | None = setting(None)  # window length (tokens); None means model.context_length
+    stride: int | str | None = setting(None)  # tokens, or "0.5x" of max_length; None means max_length
+    val_fraction: float = setting(0.1)  # tail of the token stream held out, before windowing
+    clean: bool = setting(True)  # collapse runs of whitespace and newlines to one space, as the reference
+    strip_gutenberg: bool = setting(True)  # drop Project Gutenberg header/footer when the markers exist
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
-    epochs: int = 100
-    lr: float = 4e-4
-    weight_decay: float = 0.1  # the seed's AdamW setting
-    decay_groups: bool = False  # True: no weight decay on biases, norms and embeddings
-    lr_schedule: str = "constant"  # constant | cosine
-    warmup_steps: int = 0
-    min_lr: float = 0.0  # floor of the cosine schedule
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
-    seed: int = 123
-    drop_last: bool = True  # drop the last partial batch, as the seed (kept if it is the only one)
-    device: str = "auto"  # auto | cuda | mps | cpu
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp32
-    compile: bool | None = None  # None: on for CUDA, off elsewhere
-    eval_every: int = 1  # validation every N epochs
-    log_every_steps: int = 10  # train_loss_step logged every N optimizer steps
-    checkpoint_every_s: float = 600.0  # write last.pt at most this often (always at the end)
-    sample_every: int = 1  # generate samples every N epochs; 0 disables
+    """Optimisation (defines the experiment), then where and how often to validate, report and save (does not)."""
+
+    batch_size: int = setting(64)  # windows per optimizer step
+    epochs: int = setting(100, resumable=True)
+    lr: float = setting(4e-4)
+    weight_decay: float = setting(0.1)  # the reference's AdamW setting
+    decay_groups: bool = setting(False)  # True: no weight decay on biases, norms and embeddings
+    lr_schedule: str = setting("constant")  # constant | cosine
+    warmup_steps: int = setting(0)
+    min_lr: float = setting(0.0)  # floor of the cosine schedule
+    grad_clip: float = setting(0.0)  # max gradient norm; 0 disables clipping
+    seed: int = setting(123)  # model init, data order, dropout
+    drop_last: bool = setting(True)  # drop the last partial batch, as the reference (kept if it is the only one)
+    precision: str = setting("auto")  # auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp32
+    device: str = setting("auto", identity=False, resumable=True)  # auto | cuda | mps | cpu
+    compile: bool | None = setting(None, identity=False, resumable=True)  # None: on for CUDA, off elsewhere
+    eval_every: int = setting(1, identity=False)  # validation every N epochs
+    log_every_steps: int = setting(10, identity=False)  # train_loss_step logged every N optimizer steps
+    checkpoint_every_s: float = setting(600.0, identity=False, resumable=True)  # last.pt at most this often
+    sample_every: int = setting(1, identity=False, resumable=True)  # samples every N epochs; 0 disables
     # samples that take over 5% of an epoch (a GPU's 50 ms epochs) come at most this often; cheaper
     # ones (a CPU's) every sample_every epochs; always the first two and the final. 0: no time limit
-    sample_every_s: float = 10.0
-    sample_prompts: list[str] = field(default_factory=lambda: ["Every effort moves you"])
-    sample_tokens: int = 50
-    temperature: float = 1.0
-    top_k: int = 25
+    sample_every_s: float = setting(10.0, identity=False, resumable=True)
+    sample_prompts: list[str] = setting(factory=lambda: ["Every effort moves you"], identity=False)
+    sample_tokens: int = setting(50, identity=False)
+    temperature: float = setting(1.0, identity=False)  # of the per-epoch samples
+    top_k: int = setting(25, identity=False)  # of the per-epoch samples
     # MLflow's system metrics (CPU, memory, disk, network, GPU) every 10 s, spooled (gpt.system_metrics)
-    system_metrics: bool = True
+    system_metrics: bool = setting(True, identity=False, resumable=True)
 
 
 @dataclass
 class Config:
+    """The one config of a run: model, data and train sections; see the README's configuration reference."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def window_length(self) -> int:
+        """Tokens per training window: data.max_length, else model.context_length."""
         return self.data.max_length or self.model.context_length
 
     @property
     def window_stride(self) -> int:
+        """Tokens between window starts, resolved (raises UserError for a malformed relative stride)."""
         return resolve_stride(self.data.stride, self.window_length)
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts {section: {key: value}}, as YAML and checkpoints hold them."""
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
@@ -100,7 +134,38 @@ class Config:
         return {f"{s}.{k}": v for s, d in self.to_dict().items() for k, v in d.items()}
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits (gpt.sampling); temperature 0 means greedy (argmax).
+
+    Raises UserError for values that make no sense: negative or non-finite temperature, top-k below 1,
+    top-p outside (0, 1].
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens; None keeps all
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p; None or 1 keeps all
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature):
+            raise UserError(f"temperature must be a finite number (0 means greedy), got {self.temperature}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must not be negative (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # NaN fails this too
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+# the choices of text-valued keys; model.init's former spelling "seed" is read as "pytorch"
+CHOICES = {
+    "model.init": ("pytorch", "gpt2"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.device": ("auto", "cuda", "mps", "cpu"),
+    "train.precision": ("auto", "bf16", "fp32"),
+}
+_ALIASES = {"model.init": {"seed": "pytorch"}}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*x\s*$")
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -153,7 +218,8 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
+    """A YAML file's content; a missing or malformed file is a UserError naming it."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -164,6 +230,7 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply `section.key=value` items in order (values parsed as YAML scalars); returns cfg."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like section.key=value (e.g. model.n_layers=4)")
@@ -190,7 +257,32 @@ def set_key(cfg: Config, dotted: str, value: Any, parse: bool) -> None:
     hint = typing.get_type_hints(type(target))[key]
     if parse and isinstance(value, str):
         value = _parse_text(value, hint)
-    setattr(target, key, _check_type(dotted, value, hint))
+    value = _check_type(dotted, value, hint)
+    setattr(target, key, _ALIASES.get(dotted, {}).get(value, value) if isinstance(value, str) else value)
+
+
+def fields_of(cfg: Config | None = None) -> dict[str, dataclasses.Field]:
+    """Every dotted key -> its dataclass field (whose metadata says identity and resumable; see setting).
+
+    With cfg, the fields of its own section classes (which may extend the standard ones).
+    """
+    classes = {name: type(getattr(cfg, name)) if cfg else section for name, section in SECTIONS.items()}
+    return {f"{name}.{f.name}": f for name, section in classes.items() for f in dataclasses.fields(section)}
+
+
+def defaults_of(cfg: Config) -> Config:
+    """A config of the same section classes as cfg, every key at its default."""
+    return Config(**{name: type(getattr(cfg, name))() for name in SECTIONS})
+
+
+def identity_keys(cfg: Config | None = None) -> list[str]:
+    """The keys that define an experiment (they enter ablation cell ids)."""
+    return [key for key, f in fields_of(cfg).items() if f.metadata.get("identity", True)]
+
+
+def resumable_keys() -> list[str]:
+    """The keys `train.py --resume` may change."""
+    return [key for key, f in fields_of().items() if f.metadata.get("resumable", False)]
 
 
 def _parse_text(text: str, hint: Any) -> Any:
@@ -207,6 +299,7 @@ def yaml_scalar(text: str) -> Any:
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """value converted to the field's type hint (int <-> float where exact), or a UserError naming key."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -233,6 +326,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         value = float(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}: expected a finite number, got {value!r}")
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -245,6 +340,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check every constraint that does not need the data; raise UserError naming the key."""
+    _check_counts(cfg)
+    _check_ranges(cfg)
+    flat = cfg.flat()
+    for key, valid in CHOICES.items():
+        if flat[key] not in valid:
+            raise UserError(f"{key} must be one of {', '.join(valid)}; got {flat[key]!r}")
+    if any(not p.strip() for p in cfg.train.sample_prompts):
+        raise UserError("train.sample_prompts must not contain an empty prompt")
+    return cfg
+
+
+def _check_counts(cfg: Config) -> None:
+    """Sizes and counts that must be at least 1, and the width/heads and window/context relations."""
     m, d, t = cfg.model, cfg.data, cfg.train
     positive = {
         "model.vocab_size": m.vocab_size,
@@ -264,10 +372,6 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"{key} must be at least 1, got {value}")
     if m.emb_dim % m.n_heads:
         raise UserError(f"model.emb_dim ({m.emb_dim}) must be divisible by model.n_heads ({m.n_heads})")
-    if not 0.0 <= m.dropout < 1.0:
-        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.loss_chunk_rows < 0:
-        raise UserError(f"model.loss_chunk_rows must not be negative (0 disables chunking), got {m.loss_chunk_rows}")
     if d.max_length is not None and d.max_length < 1:
         raise UserError(f"data.max_length must be at least 1, got {d.max_length}")
     if cfg.window_length > m.context_length:
@@ -275,6 +379,15 @@ def validate(cfg: Config) -> Config:
     if isinstance(d.stride, int) and d.stride < 1:
         raise UserError(f"data.stride must be at least 1, got {d.stride}")
     cfg.window_stride  # noqa: B018 - raises UserError for a malformed relative stride
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Rates, fractions and intervals: within their ranges."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.loss_chunk_rows < 0:
+        raise UserError(f"model.loss_chunk_rows must not be negative (0 disables chunking), got {m.loss_chunk_rows}")
     if not 0.0 < d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     if t.lr <= 0:
@@ -283,19 +396,8 @@ def validate(cfg: Config) -> Config:
     for key in keys.split():
         if getattr(t, key) < 0:
             raise UserError(f"train.{key} must not be negative, got {getattr(t, key)}")
-    choices = {
-        "model.init": (m.init, ("seed", "gpt2")),
-        "train.lr_schedule": (t.lr_schedule, ("constant", "cosine")),
-        "train.device": (t.device, ("auto", "cuda", "mps", "cpu")),
-        "train.precision": (t.precision, ("auto", "bf16", "fp32")),
-    }
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise UserError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
-    if any(not p.strip() for p in t.sample_prompts):
-        raise UserError("train.sample_prompts must not contain an empty prompt")
-    return cfg
 
 
 def dump_yaml(cfg: Config) -> str:
+    """The config as YAML, sections in order (the run's config.yaml; `--config` reads it back)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

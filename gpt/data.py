@@ -19,19 +19,17 @@ import torch
 
 from gpt.config import Config
 from gpt.errors import UserError
+from gpt.sizes import DataStats, count_windows, window_stats
 from gpt.text import Document, load_documents
 from gpt.tokenizer import encode
 
 
 @dataclass
 class Corpus:
+    """One run's token stream, split by position: train is the head, val the tail (int64 ids)."""
     train: torch.Tensor  # int64 token ids, the head of the stream
     val: torch.Tensor  # int64 token ids, the tail of the stream
     files: list[dict] = field(default_factory=list)  # name, path, sha256, tokens per source file
-
-
-def count_windows(n_tokens: int, length: int, stride: int) -> int:
-    return 0 if n_tokens <= length else (n_tokens - length - 1) // stride + 1
 
 
 class Windows:
@@ -48,6 +46,7 @@ class Windows:
         return self.count
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (batch, length) of the windows at `index` (batch,); targets are inputs shifted by one."""
         rows = self.rows[index]  # gathers only this batch
         return rows[:, :-1], rows[:, 1:]
 
@@ -62,14 +61,8 @@ def epoch_order(n_windows: int, batch_size: int, drop_last: bool, seed: int, epo
     return batches
 
 
-def steps_per_epoch(n_windows: int, batch_size: int, drop_last: bool) -> int:
-    full, rest = divmod(n_windows, batch_size)
-    if full == 0:
-        return 1 if rest else 0
-    return full + (1 if rest and not drop_last else 0)
-
-
 def sequential_batches(n_windows: int, batch_size: int) -> list[torch.Tensor]:
+    """Window indices 0..n_windows-1 in order, in batches of batch_size (validation)."""
     return list(torch.arange(n_windows).split(batch_size))
 
 
@@ -77,6 +70,7 @@ def sequential_batches(n_windows: int, batch_size: int) -> list[torch.Tensor]:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -133,6 +127,7 @@ def build_corpus(cfg: Config, encoding: tiktoken.Encoding, cache_dir: Path, chec
 
 
 def check_corpus(cfg: Config, corpus: Corpus) -> None:
+    """UserError when either split is too short for one window of the config's length."""
     length, names = cfg.window_length, ", ".join(f["path"] for f in corpus.files)
     if count_windows(len(corpus.train), length, cfg.window_stride) == 0:
         raise UserError(
@@ -146,30 +141,6 @@ def check_corpus(cfg: Config, corpus: Corpus) -> None:
         )
 
 
-@dataclass
-class DataStats:
-    train_tokens: int
-    val_tokens: int
-    train_windows: int
-    val_windows: int
-    steps_per_epoch: int
-    tokens_per_epoch: int  # target tokens the model trains on per epoch
-
-
-def window_stats(cfg: Config, train_tokens: int, val_tokens: int) -> DataStats:
-    length, stride, t = cfg.window_length, cfg.window_stride, cfg.train
-    train_windows = count_windows(train_tokens, length, stride)
-    steps = steps_per_epoch(train_windows, t.batch_size, t.drop_last)
-    used = min(train_windows, steps * t.batch_size)
-    return DataStats(
-        train_tokens=train_tokens,
-        val_tokens=val_tokens,
-        train_windows=train_windows,
-        val_windows=count_windows(val_tokens, length, length),
-        steps_per_epoch=steps,
-        tokens_per_epoch=used * length,
-    )
-
-
 def data_stats(cfg: Config, corpus: Corpus) -> DataStats:
+    """DataStats (gpt.sizes) of the config on this corpus."""
     return window_stats(cfg, len(corpus.train), len(corpus.val))

@@ -7,7 +7,7 @@ with MLflow's context tag `training` or `validation`:
   digest   the first 16 hex digits of the sha256 of that split's token ids (MLflow keeps a dataset's
            profile per name and digest, so the digest changes whenever the text, its cleaning, the
            tokenizer or the split does; a split is a different dataset, as in MLflow's own examples)
-  source   the file (source type local) or the book's Project Gutenberg URL (http)
+  source   the file (source type local) or the book's download URL (http; gpt.env.gutenberg_url)
   profile  characters (after cleaning) and tokens of the file, the split's tokens, train and val
            tokens of the file, and the file's sha256 (the same as the data.file<i>.sha256 param)
 """
@@ -17,25 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt.text import GUTENBERG_URL
+from gpt import env
 
 if TYPE_CHECKING:
     import torch
-    from mlflow.entities import DatasetInput
-    from mlflow.tracking import MlflowClient
 
     from gpt.data import Corpus
     from gpt.tracking import Tracker
 
-CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT
 DIGEST_LENGTH = 16  # MLflow allows at most 36 characters
 _BOOK = re.compile(r"pg(\d+)")
-_COLLISION = re.compile(r"unique constraint|duplicate key|integrityerror", re.IGNORECASE)
 
 
 def file_spans(corpus: Corpus) -> list[tuple[int, int]]:
@@ -58,7 +53,7 @@ def _source(path: Path, cache_dir: Path) -> tuple[str, str, str]:
 
     book = _BOOK.fullmatch(path.stem)
     if book and path.parent.resolve() == (cache_dir / "gutenberg").resolve():  # gpt.text.download_gutenberg
-        source = HTTPDatasetSource(GUTENBERG_URL.format(id=book.group(1)))
+        source = HTTPDatasetSource(env.gutenberg_url().format(id=book.group(1)))
         return f"gutenberg:{book.group(1)}", source._get_source_type(), source.to_json()
     with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
         warnings.simplefilter("ignore")
@@ -94,37 +89,5 @@ def dataset_records(corpus: Corpus, cache_dir: Path) -> list[dict[str, Any]]:
 
 
 def log_datasets(tracker: Tracker, corpus: Corpus, cache_dir: Path) -> None:
-    """Spool the corpus's dataset inputs (delivered by tracker's sender with MlflowClient.log_inputs)."""
+    """Spool the corpus's dataset inputs (gpt.delivery.deliver_datasets sends them)."""
     tracker.log_datasets(dataset_records(corpus, cache_dir))
-
-
-def deliver_datasets(client: MlflowClient, run_id: str, records: list[dict[str, Any]], attempts: int = 5) -> None:
-    """Log dataset_records() as the run's inputs (MlflowClient.log_inputs); raises what MLflow raises.
-
-    MLflow stores a dataset once per experiment, reading before inserting: runs that log the same new
-    dataset at the same moment (a grid's workers) collide on the table's unique key, and all but one
-    fail. The dataset exists then, so logging again links it.
-    """
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            client.log_inputs(run_id, datasets=dataset_inputs(records))
-            return
-        except MlflowException as exc:
-            if attempt == attempts - 1 or not _COLLISION.search(str(exc)):
-                raise
-            time.sleep(0.1 * (attempt + 1))
-
-
-def dataset_inputs(records: list[dict[str, Any]]) -> list[DatasetInput]:
-    """MLflow's DatasetInput entities for dataset_records() (as spooled)."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    return [
-        DatasetInput(
-            Dataset(r["name"], r["digest"], r["source_type"], r["source"], profile=r["profile"]),
-            [InputTag(CONTEXT_TAG, r["context"])],
-        )
-        for r in records
-    ]

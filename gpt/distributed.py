@@ -35,10 +35,12 @@ class Ranks:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that prints, tracks and checkpoints."""
         return self.rank == 0
 
     @property
     def active(self) -> bool:
+        """Whether several processes train this run."""
         return self.world_size > 1
 
     def shard(self, index: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -1,14 +1,16 @@
-"""One training job: check everything, open (or reopen) an MLflow run, train, report, finish.
+"""One training job: check everything, open (or reopen) an MLflow run, train in it, end it.
+
+A training run reads top to bottom through four modules: train.py (options) -> gpt.job.train (this
+module) -> gpt.trainer.Trainer.fit (the epoch loop) -> gpt.model.GPT (the network). Reporting and
+tracking sit behind gpt.tracked_run.TrackedRun, whose observers the trainer calls after each epoch.
 
 Checks that can fail on user input (config, data, tokenizer, tracking URI, the checkpoint to resume)
-all run before a run is created or reopened, so a mistake never leaves an empty or RUNNING run
-behind. Once a run is open, every way out of training ends it: FINISHED; KILLED on Ctrl-C or
-SIGTERM, with a checkpoint to resume from; FAILED on a non-finite loss or a crash.
+all run in prepare(), before a run is created or reopened, so a mistake never leaves an empty or
+RUNNING run behind. Once a run is open, TrackedRun ends it in a state that says what happened.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -23,32 +25,22 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gpt import checkpoint, distributed, system_metrics
+from gpt import checkpoint, distributed
 from gpt.config import Config, dump_yaml
-from gpt.data import Corpus, DataStats, build_corpus, data_stats
-from gpt.datasets import log_datasets
+from gpt.data import Corpus, build_corpus, data_stats
+from gpt.device import autocast_dtype, device_name, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
-from gpt.logged_model import spool_model
-from gpt.model import GPT, count_parameters, flops_per_token
+from gpt.mlflow_native import make_native
+from gpt.model import GPT
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
-from gpt.resume import check_same_data, logged_progress
-from gpt.run_summary import log_summary
-from gpt.runs import local_run_dir
+from gpt.resume import check_same_data
 from gpt.signals import StopOnSignal
-from gpt.store import (
-    absolute_uri,
-    check_tracking_uri,
-    ensure_experiment,
-    local_artifact_dir,
-    open_client,
-    resolve_tracking_uri,
-    run_lock,
-    with_retries,
-)
+from gpt.sizes import DataStats, count_parameters, flops_per_token
+from gpt.store import check_tracking_uri, ensure_experiment, open_client, resolve_tracking_uri, with_retries
 from gpt.tokenizer import get_encoding
-from gpt.tracking import Tracker
-from gpt.trainer import Interrupted, NonFiniteLoss, Trainer, TrainState, autocast_dtype, resolve_device
+from gpt.tracked_run import JobResult, TrackedRun, final_val_loss
+from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
@@ -56,6 +48,8 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
 
 @dataclass
 class JobOptions:
+    """How and where a job runs and reports, beside its Config."""
+
     experiment: str = "gpt"
     run_name: str | None = None
     tracking_uri: str | None = None
@@ -72,6 +66,8 @@ class JobOptions:
 
 @dataclass
 class Prepared:
+    """Everything prepare() checked and built before a run exists: config, tokens, sizes, device."""
+
     cfg: Config
     corpus: Corpus
     stats: DataStats
@@ -80,27 +76,20 @@ class Prepared:
     ranks: Ranks
     resumed: Trainer | None = None  # restored from the checkpoint to resume, already checked against cfg and data
 
-
-@dataclass
-class JobResult:
-    run_id: str
-    experiment_id: str
-    status: str  # FINISHED | KILLED | FAILED
-    best_val_loss: float
-    best_epoch: int
-    final_val_loss: float | None
-    message: str = ""
-    exit_code: int = 0
-    local_dir: str = ""  # the run's spool and lock; `train.py --replay` it when tracking was left undelivered
-    report_seconds: dict[str, float] = field(default_factory=dict)  # time spent reporting, by activity
+    def take_trainer(self) -> Trainer | None:
+        """The trainer restored by prepare(), once: a trainer trains one run."""
+        trainer, self.resumed = self.resumed, None
+        return trainer
 
 
 def default_run_name(cfg: Config) -> str:
+    """A run name that says the shape, e.g. L12-H12-E768-ctx128-s128 (stride in tokens)."""
     m = cfg.model
     return f"L{m.n_layers}-H{m.n_heads}-E{m.emb_dim}-ctx{m.context_length}-s{cfg.window_stride}"
 
 
 def check_run_name(name: str) -> str:
+    """The name, or UserError when MLflow or a search filter could not take it."""
     if not _RUN_NAME.match(name) or ".." in name:
         raise UserError(
             f"run name {name!r} is not allowed: use letters, digits, spaces and . _ - + = , : @ (no '/' or '..')"
@@ -109,6 +98,7 @@ def check_run_name(name: str) -> str:
 
 
 def check_names(options: JobOptions) -> None:
+    """UserError for a run or experiment name that cannot be used."""
     if options.run_name is not None:
         check_run_name(options.run_name)
     if not options.experiment.strip():
@@ -131,6 +121,7 @@ def prepare(cfg: Config, options: JobOptions, resume_payload: dict[str, Any] | N
 
 
 def describe(prepared: Prepared) -> list[str]:
+    """The lines printed before training: model size and FLOPs, data, windows, steps, device."""
     s, cfg, ranks = prepared.stats, prepared.cfg, prepared.ranks
     lines = [
         f"model: {prepared.n_params:,} parameters ({prepared.n_params * 4 / 2**20:,.0f} MB fp32), "
@@ -148,6 +139,7 @@ def describe(prepared: Prepared) -> list[str]:
 
 
 def run_params(prepared: Prepared) -> dict[str, Any]:
+    """The run's MLflow params: the flattened config (window and stride in tokens), sizes and data files."""
     cfg, s = prepared.cfg, prepared.stats
     params: dict[str, Any] = {**cfg.flat(), "data.max_length": cfg.window_length, "data.stride": cfg.window_stride}
     params["data.files"] = ",".join(cfg.data.files)
@@ -161,7 +153,7 @@ def run_params(prepared: Prepared) -> dict[str, Any]:
         val_windows=s.val_windows,
         steps_per_epoch=s.steps_per_epoch,
         device=str(prepared.device),
-        dtype=str(autocast_dtype(cfg, prepared.device) or torch.float32).replace("torch.", ""),
+        dtype=str(autocast_dtype(cfg.train, prepared.device) or torch.float32).replace("torch.", ""),
     )
     for i, info in enumerate(prepared.corpus.files):
         params[f"data.file{i}.path"] = info["path"]
@@ -171,35 +163,35 @@ def run_params(prepared: Prepared) -> dict[str, Any]:
 
 
 def run_tags(prepared: Prepared) -> dict[str, str]:
+    """The run's MLflow tags: git commit, versions, device, world size."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    device = prepared.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {
         "git_commit": commit or "unknown",
         "torch_version": torch.__version__,
         "mlflow_version": mlflow.__version__,
-        "device_name": name,
+        "device_name": device_name(prepared.device),
         "world_size": str(prepared.ranks.world_size),
         "mlflow.source.name": "train.py",
     }
 
 
-def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions, uri: str) -> str:
+def start_run(client: MlflowClient, prepared: Prepared, options: JobOptions) -> Run:
+    """Create the job's MLflow run (in its experiment, nested under a grid's parent if any)."""
     experiment_id = ensure_experiment(client, options.experiment)
     tags = {**run_tags(prepared), **options.tags}
     if options.parent_run_id:
         tags["mlflow.parentRunId"] = options.parent_run_id
     run_name = check_run_name(options.run_name or default_run_name(prepared.cfg))
-    run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
-    return run.info.run_id
+    return with_retries(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
 
 
 def existing_run(client: MlflowClient, run_id: str, uri: str) -> Run:
+    """The run to resume; UserError when it is not in the store or is deleted."""
     try:
         run = with_retries(lambda: client.get_run(run_id))
     except MlflowException as exc:
@@ -212,26 +204,14 @@ def existing_run(client: MlflowClient, run_id: str, uri: str) -> Run:
 
 
 def build_trainer(cfg: Config, prepared: Prepared, payload: dict[str, Any] | None) -> Trainer:
-    """The model and trainer, new or restored from a checkpoint; a checkpoint that does not fit raises UserError."""
+    """The model and trainer, new or restored from a training checkpoint (UserError when it does not fit)."""
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    if payload is None:
-        trainer = Trainer(cfg, model, prepared.corpus, prepared.device, ranks=prepared.ranks)
-        distributed.seed_rank(prepared.ranks, cfg.train.seed, 0)
-        return trainer
-    source = "the checkpoint"
-    check_same_data(payload, prepared.corpus)
-    checkpoint.load_model_state(model, payload["model"], source)
-    state = TrainState.from_dict(payload["state"], source)
-    trainer = Trainer(cfg, model, prepared.corpus, prepared.device, state, prepared.ranks)
-    if payload["optimizer"]:
-        try:
-            trainer.optimizer.load_state_dict(payload["optimizer"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{source}: its optimizer state does not fit the model ({exc})") from None
-    # Nothing draws from torch's generator between here and the first step (samples use their own).
-    checkpoint.set_rng_state(payload["rng"], source)
-    distributed.seed_rank(prepared.ranks, cfg.train.seed, state.step)
+    trainer = Trainer(cfg, GPT(cfg.model), prepared.corpus, prepared.device, ranks=prepared.ranks)
+    if payload is not None:
+        check_same_data(payload, prepared.corpus)
+        # nothing draws from torch's generator between here and the first step (samples use their own)
+        checkpoint.restore(trainer, payload)
+    distributed.seed_rank(prepared.ranks, cfg.train.seed, trainer.state.step)
     return trainer
 
 
@@ -248,24 +228,42 @@ def train(
     prepared = prepared or prepare(cfg, options, resume_payload)
     uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking_uri(uri)
-    if resume_payload is not None and prepared.resumed is not None:
-        trainer, prepared.resumed = prepared.resumed, None  # a trainer trains one run
-    else:
-        trainer = build_trainer(cfg, prepared, resume_payload)
+    trainer = prepared.take_trainer() if resume_payload is not None else None
+    trainer = trainer or build_trainer(cfg, prepared, resume_payload)
     if not prepared.ranks.is_main:
         return _follow(trainer)
     client = open_client(uri)
+    encoding = get_encoding(options.tokenizer_file)
     with StopOnSignal(trainer) as stopper:  # from here on a run exists, and a signal must end it properly
-        if resume_run_id is not None:
-            run = existing_run(client, resume_run_id, uri)
-        else:
-            run = with_retries(lambda: client.get_run(start_run(client, prepared, options, uri)))
-        local_dir = local_run_dir(uri, options.cache_dir, run.info.run_id)
-        with run_lock(local_dir, run.info.run_id):
-            if resume_run_id is not None:
-                with_retries(lambda: client.update_run(resume_run_id, status="RUNNING"))
-            resuming = resume_run_id is not None
-            return _train_run(trainer, prepared, options, client, run, local_dir, stopper, resuming)
+        run = existing_run(client, resume_run_id, uri) if resume_run_id else start_run(client, prepared, options)
+        with TrackedRun(client, run, trainer, stopper, options.cache_dir, options.echo) as tracked:
+            logged = tracked.logged() if resume_run_id else (0, 0)  # what a resumed run must not log twice
+            title = default_run_name(cfg)
+            reporter = Reporter(cfg, tracked.tracker, encoding, options.echo, title, tracked.seconds, logged)
+            # a resume trains on from a checkpoint, so what was logged up to it must be spooled before it is written
+            checkpoints = Checkpoints(
+                tracked.checkpoint_folder,
+                tracked.run_id,
+                cfg.train.checkpoint_every_s,
+                checkpoint_extra(prepared, tracked.uri),
+                before_write=reporter.flush_points,
+                seconds=tracked.seconds,
+            )
+            progress = ProgressBar(cfg.train.batch_size * cfg.window_length, options.progress and sys.stderr.isatty())
+            tracked.watch(reporter, checkpoints, progress)
+            make_native(tracked, prepared, options, encoding, new_run=resume_run_id is None)
+            if resume_run_id is None:
+                tracked.tracker.log_params(run_params(prepared))
+                tracked.tracker.log_text(dump_yaml(cfg), "config.yaml")
+            trainer.fit()
+    return tracked.result
+
+
+def checkpoint_extra(prepared: Prepared, tracking_uri: str) -> dict[str, Any]:
+    """What every checkpoint of the job carries besides the trainer: the data files (absolute paths, sha256,
+    tokens) and the store, so that `--resume <file>` needs nothing else."""
+    data = [{**info, "path": str(Path(info["path"]).resolve())} for info in prepared.corpus.files]
+    return {"data": data, "tracking_uri": tracking_uri}
 
 
 def _follow(trainer: Trainer) -> JobResult:
@@ -284,102 +282,4 @@ def _follow(trainer: Trainer) -> JobResult:
         except NonFiniteLoss:
             status = "FAILED"
     s = trainer.state
-    final_val = next((row["val_loss"] for row in reversed(s.history) if row["val_loss"] is not None), None)
-    return JobResult("", "", status, s.best_val_loss, s.best_epoch, final_val)
-
-
-def _train_run(
-    trainer: Trainer,
-    prepared: Prepared,
-    options: JobOptions,
-    client: MlflowClient,
-    run: Run,
-    local_dir: Path,
-    stopper: StopOnSignal,
-    resuming: bool,
-) -> JobResult:
-    """Train in an open run and end it, whatever happens."""
-    cfg, run_id, uri = prepared.cfg, run.info.run_id, absolute_uri(client.tracking_uri)
-    tracker = Tracker(client, run_id, local_dir)
-    status, message, exit_code = "FINISHED", "", 0
-    reporter: Reporter | None = None
-    try:  # the outer try also ends the run when a handler below fails (a full disk while saving)
-        try:
-            (local_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
-            system_metrics.start(tracker, cfg.train.system_metrics)  # the tracker stops it when it closes
-            artifacts = local_artifact_dir(run.info.artifact_uri)
-            data = [{**info, "path": str(Path(info["path"]).resolve())} for info in prepared.corpus.files]
-            extra = {"data": data, "tracking_uri": uri}
-            folder = (artifacts or local_dir) / "checkpoints"
-            checkpoints = Checkpoints(folder, cfg, run_id, cfg.train.checkpoint_every_s, extra)
-            logged = logged_progress(client, run_id, tracker.spool) if resuming else (0, 0)
-            encoding = get_encoding(options.tokenizer_file)
-            title = default_run_name(cfg)
-            reporter = Reporter(cfg, tracker, checkpoints, encoding, options.echo, title, *logged)
-            trainer.observers.append(reporter)
-            tokens_per_step = cfg.train.batch_size * cfg.window_length
-            trainer.on_step = ProgressBar(tokens_per_step, options.progress and sys.stderr.isatty())
-            if not resuming:
-                tracker.log_params(run_params(prepared))
-                tracker.log_text(dump_yaml(cfg), "config.yaml")
-                log_datasets(tracker, prepared.corpus, options.cache_dir)
-            trainer.fit()
-            checkpoints.write(trainer)
-            if options.log_model:  # a finished run's best model (a Ctrl-C while it is written ends the run KILLED)
-                spool_model(tracker, checkpoints.folder, encoding, options.register_model, options.echo)
-        except Interrupted as exc:
-            trainer.on_step.close()  # the bar of the abandoned epoch
-            reporter.log_steps(exc.step_points)
-            checkpoints.write(trainer)
-            status, exit_code = "KILLED", stopper.exit_code
-            s = trainer.state
-            message = (
-                f"interrupted in epoch {s.epoch + 1} after step {s.step}; checkpoint saved, "
-                f"continue with: python train.py --resume {run_id}"
-            )
-        except NonFiniteLoss as exc:
-            reporter.log_steps(exc.step_points)
-            checkpoints.write(trainer, include_last=False)  # the weights are garbage now; keep the best
-            kept = f"; best.pt (epoch {trainer.state.best_epoch}) is kept" if "best.pt" in checkpoints.written else ""
-            status, exit_code, message = "FAILED", 3, f"training stopped: {exc}{kept}"
-    except BaseException as exc:
-        stopper.immediate = True
-        if isinstance(exc, SystemExit) and stopper.signal_number:  # a second Ctrl-C: leave now
-            options.echo("stopped at once, without a checkpoint; the run ends KILLED")
-            tracker.close("KILLED", timeout=1.0, notify=options.echo)
-        else:
-            if reporter is not None:
-                reporter.salvage(trainer)
-            tracker.close("FAILED", timeout=30.0, notify=options.echo)
-        raise
-    stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
-    try:
-        log_summary(tracker, title, cfg, prepared.n_params, prepared.corpus, trainer.state)
-        if artifacts is None:  # a remote artifact store: upload the final checkpoints once
-            for name in sorted(checkpoints.written):
-                tracker.log_file(checkpoints.folder / name, "checkpoints", snapshot=False)
-        delivered = tracker.close(status, notify=options.echo)
-    except SystemExit:
-        options.echo(
-            f"stopped waiting for the tracking server; send the rest with: python train.py --replay {local_dir}"
-        )
-        raise
-    if not delivered:
-        message += (
-            f"{'; ' if message else ''}the tracking server did not take everything in time: the rest is kept in "
-            f"{local_dir}; send it with: python train.py --replay {local_dir}"
-        )
-    history = trainer.state.history
-    final_val = next((row["val_loss"] for row in reversed(history) if row["val_loss"] is not None), None)
-    return JobResult(
-        run_id,
-        run.info.experiment_id,
-        status,
-        trainer.state.best_val_loss,
-        trainer.state.best_epoch,
-        final_val,
-        message,
-        exit_code or (0 if delivered else 4),
-        str(local_dir),
-        dict(reporter.seconds),
-    )
+    return JobResult("", "", status, s.best_val_loss, s.best_epoch, final_val_loss(trainer))

@@ -34,6 +34,8 @@ PACKAGE = Path(__file__).resolve().parent
 PYFUNC_FILE = PACKAGE / "mlflow_pyfunc.py"
 WEIGHTS, CONFIG, TOKENIZER = "hf", "config.yaml", "gpt2.tiktoken"  # artifact names (and file names)
 EXAMPLE_PROMPT = "Every effort moves you"
+# predict()'s params and their defaults: top_k, top_p None keep every token; seed None draws a random one
+DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 50, "temperature": 1.0, "top_k": None, "top_p": None, "seed": None}
 # what `mlflow models serve` installs into a fresh environment (--env-manager local uses this one)
 REQUIREMENTS = ("mlflow", "torch", "tiktoken", "safetensors", "PyYAML", "numpy", "pandas")
 
@@ -42,8 +44,6 @@ def signature() -> ModelSignature:
     """Prompts in, texts out; the sampling settings as params with their defaults."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from gpt.mlflow_pyfunc import DEFAULT_PARAMS
 
     kinds = {"max_tokens": "long", "temperature": "double", "top_k": "long", "top_p": "double", "seed": "long"}
     params = ParamSchema([ParamSpec(name, kinds[name], DEFAULT_PARAMS[name]) for name in kinds])
@@ -122,17 +122,16 @@ def load_artifacts(
     import torch
 
     from gpt import config as config_module
+    from gpt.device import inference_dtype, resolve_device
     from gpt.model import GPT
     from gpt.tokenizer import get_encoding
-    from gpt.trainer import resolve_device
 
     cfg = config_module.load(artifacts[CONFIG])
     encoding = get_encoding(artifacts[TOKENIZER])
     target = device if isinstance(device, torch.device) else resolve_device(device, option="device")
     model = GPT(cfg.model)
     model.load_state_dict(export.read_gpt2_folder(Path(artifacts[WEIGHTS]), cfg.model))
-    # bf16 halves the bytes each decode step reads; CPU matmuls are faster in fp32
-    model.to(device=target, dtype=torch.bfloat16 if target.type == "cuda" else torch.float32).eval()
+    model.to(device=target, dtype=inference_dtype(target)).eval()
     return model, cfg, encoding
 
 
@@ -144,7 +143,7 @@ def model_folder_artifacts(folder: Path) -> dict[str, str]:
 def continue_prompts(
     model: GPT, encoding: tiktoken.Encoding, prompts: Sequence[str], settings: dict[str, Any]
 ) -> list[str]:
-    """One sampled continuation per prompt, ending before <|endoftext|>; settings as in DEFAULT_PARAMS.
+    """One sampled continuation per prompt, ending before <|endoftext|>; settings as DEFAULT_PARAMS.
 
     Raises UserError for an empty prompt or settings out of range (gpt.sampling's checks).
     """
@@ -152,8 +151,9 @@ def continue_prompts(
 
     import torch
 
+    from gpt.config import Sampling
     from gpt.errors import UserError
-    from gpt.sampling import Sampling, encode_prompt, generate
+    from gpt.sampling import encode_prompt, generate
 
     top_k, top_p = settings["top_k"], settings["top_p"]
     sampling = Sampling(

@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 50, "temperature": 1.0, "top_k": None, "top_p": None, "seed": None}
+from gpt.mlflow_model import DEFAULT_PARAMS  # the gpt package travels with the model (code_paths)
 
 
 class GPTTextGenerator(PythonModel):
@@ -27,7 +27,7 @@ class GPTTextGenerator(PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Build the GPT from the artifacts: config (YAML), weights (safetensors), tokenizer (ranks file)."""
-        from gpt.mlflow_model import load_artifacts  # the gpt package travels with the model (code_paths)
+        from gpt.mlflow_model import load_artifacts
 
         device = (context.model_config or {}).get("device", "auto")
         self.model, self.cfg, self.encoding = load_artifacts(context.artifacts, device)

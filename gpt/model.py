@@ -261,22 +261,3 @@ class GPT(nn.Module):
     def set_explicit_attention(self, explicit: bool) -> None:
         for block in self.blocks:
             block.attn.explicit = explicit
-
-
-def count_parameters(cfg: ModelConfig) -> int:
-    """Trainable parameters of the unpadded model (a tied head counts once), as the seed reports."""
-    d, v, layers = cfg.emb_dim, cfg.vocab_size, cfg.n_layers
-    per_block = (3 * d * d + (3 * d if cfg.qkv_bias else 0)) + (d * d + d) + (8 * d * d + 5 * d) + 4 * d
-    head = 0 if cfg.tie_weights else v * d
-    return v * d + cfg.context_length * d + layers * per_block + 2 * d + head
-
-
-def flops_per_token(cfg: ModelConfig, length: int | None = None) -> int:
-    """Training FLOPs per token: 6 per non-embedding parameter and head weight, plus attention.
-
-    6N covers forward and backward matmuls (PaLM appendix B); attention scores and the weighted sum
-    add 6 * n_layers * length * emb_dim (causal masking is not discounted, as in the usual MFU).
-    """
-    length = length or cfg.context_length
-    lookups = cfg.context_length * cfg.emb_dim + (0 if cfg.tie_weights else cfg.vocab_size * cfg.emb_dim)
-    return 6 * (count_parameters(cfg) - lookups) + 6 * cfg.n_layers * length * cfg.emb_dim

@@ -1,4 +1,4 @@
-"""The loss curve of one run, as in the seed's plot: train and validation loss against epoch."""
+"""The loss curve of one run, as in the reference implementation's plot: train and validation loss against epoch."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import matplotlib
 matplotlib.use("Agg")  # no display; also safe to call from a background thread with the OO API
 from matplotlib.figure import Figure  # noqa: E402
 
+from gpt import metrics  # noqa: E402
+
 
 def loss_curve(history: list[dict], path: Path, title: str = "") -> Path:
-    """Draw train/val loss vs epoch (and tokens seen on a second axis) to `path`."""
+    """Draw train and validation loss (nats) against epoch to `path` (a PNG); history rows hold epoch,
+    train_loss and val_loss (None where not validated)."""
     figure = Figure(figsize=(6, 4), dpi=100)
     axis = figure.add_subplot()
     epochs = [row["epoch"] for row in history]
-    axis.plot(epochs, [row["train_loss"] for row in history], label="Training loss")
-    val = [(row["epoch"], row["val_loss"]) for row in history if row.get("val_loss") is not None]
+    axis.plot(epochs, [row[metrics.TRAIN_LOSS] for row in history], label="Training loss")
+    val = [(row["epoch"], row[metrics.VAL_LOSS]) for row in history if row.get(metrics.VAL_LOSS) is not None]
     if val:
         axis.plot([e for e, _ in val], [v for _, v in val], linestyle="-.", label="Validation loss")
     axis.set_xlabel("Epochs")

@@ -1,6 +1,7 @@
 """What a training run leaves behind as it goes: checkpoints, a progress bar, and per-epoch reports.
 
-The trainer knows nothing of these: the Reporter is its observer, the ProgressBar its on_step.
+The trainer knows nothing of these: the Reporter and the Checkpoints are its observers, the
+ProgressBar its on_step; gpt.tracked_run wires them together.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from gpt import checkpoint
+from gpt import checkpoint, metrics
 from gpt.config import Config
 from gpt.sampling import sample_text
 from gpt.tracking import Tracker
@@ -39,7 +40,7 @@ def timed(seconds: dict[str, float], activity: str) -> Iterator[None]:
 
 def snapshot(value: Any, memo: dict[tuple, torch.Tensor] | None = None) -> Any:
     """A copy of a checkpoint payload that training cannot change: tensors cloned (on their device),
-    containers rebuilt. copy.deepcopy does the same at ~75 us a tensor, ~50 ms for the seed model and
+    containers rebuilt. copy.deepcopy does the same at ~75 us a tensor, ~50 ms for the reference model and
     its AdamW state: as long as a GPU epoch. Views of the same memory (tied weights: state_dict gives
     the embedding and the head as two tensor objects over one storage) stay one tensor."""
     memo = {} if memo is None else memo
@@ -63,50 +64,47 @@ def snapshot(value: Any, memo: dict[tuple, torch.Tensor] | None = None) -> Any:
 
 
 class Checkpoints:
-    """Writes last.pt and best.pt, at most every checkpoint_every_s, and always at the end.
+    """The trainer's observer that writes last.pt and best.pt: at most every checkpoint_every_s, and always
+    when asked at the end.
 
     A 124M model's checkpoint with AdamW state is ~2 GB, so writing both every epoch of a short
     epoch would dominate the run. An improved best model is kept as an in-memory snapshot and
     written at the next checkpoint time instead.
     """
 
-    def __init__(self, folder: Path, cfg: Config, run_id: str, every_s: float, extra: dict[str, Any]):
-        self.folder, self.cfg, self.run_id, self.every_s, self.extra = folder, cfg, run_id, every_s, extra
+    def __init__(
+        self,
+        folder: Path,
+        run_id: str,
+        every_s: float,
+        extra: dict[str, Any],
+        before_write: Callable[[], None],
+        seconds: dict[str, float],
+    ):
+        """extra: what the job adds to every checkpoint (data, tracking_uri); before_write: called before
+        each write (a resume trains on from the checkpoint, so what was logged up to it must be spooled by
+        then); seconds: the ledger the write time is added to ("checkpoint writes", "best snapshots")."""
+        self.folder, self.run_id, self.every_s, self.extra = folder, run_id, every_s, extra
+        self.before_write, self.seconds = before_write, seconds
         self.last_write = time.monotonic()
         self.best_payload: dict[str, Any] | None = None
         self.written = {path.name for path in folder.glob("*.pt")}  # a resumed run's earlier files count
-        # called before each write: a resume trains on from the checkpoint, so what was logged up to
-        # its epoch must be in the spool by then (the Reporter spools the metric points it holds)
-        self.before_write: Callable[[], None] | None = None
-        # timed here rather than by the Reporter, so that the writes job.py makes after training count too
-        self.seconds: dict[str, float] = {}
 
     def payload(self, trainer: Trainer) -> dict[str, Any]:
-        state = trainer.state
-        return {
-            "config": self.cfg.to_dict(),
-            "model": checkpoint.model_state(trainer.model),
-            "optimizer": trainer.optimizer.state_dict(),
-            "state": state.to_dict(),
-            "epoch": state.epoch,
-            "step": state.step,
-            "best_val_loss": state.best_val_loss,
-            "rng": checkpoint.rng_state(),
-            "tokenizer": {"name": "gpt2"},
-            "run_id": self.run_id,
-            **self.extra,
-        }
+        """The trainer's checkpoint now (live tensors)."""
+        return checkpoint.payload(trainer, self.run_id, self.extra)
 
-    def on_epoch(self, trainer: Trainer, improved: bool) -> None:
-        if improved:
+    def on_epoch_end(self, trainer: Trainer, measured: EpochMetrics) -> None:
+        """Snapshot an improved model; write both files once checkpoint_every_s has passed."""
+        if trainer.state.best_epoch == measured.epoch:
             with timed(self.seconds, "best snapshots"):
                 self.best_payload = snapshot(self.payload(trainer))  # training goes on changing the tensors
         if time.monotonic() - self.last_write >= self.every_s:
             self.write(trainer)
 
     def write(self, trainer: Trainer, include_last: bool = True) -> None:
-        if self.before_write is not None:
-            self.before_write()
+        """Write last.pt (unless include_last is False: weights that went bad) and the held best model."""
+        self.before_write()
         with timed(self.seconds, "checkpoint writes"):
             if include_last:
                 checkpoint.save(self.folder / "last.pt", self.payload(trainer))
@@ -144,82 +142,82 @@ class ProgressBar:
             self.close()
 
     def close(self) -> None:
+        """Remove the bar (an epoch's end, or training stopped)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
 
 class Reporter:
-    """The trainer's observer: metrics, samples, plot and checkpoints after each epoch.
+    """The trainer's observer that reports each epoch: metrics, samples, the loss curve and a summary line.
 
     A resumed run re-trains from its checkpoint, which may be older than what the run has logged
     (checkpoints are throttled; a killed process logged epochs after its last one). Epoch metrics
     up to logged_epoch and step points up to logged_step are therefore not logged again: the
     re-trained values are the same, so the run's curves have every point exactly once.
 
-    An epoch of the seed config on a GPU takes ~50 ms, as long as a sample or a few spool fsyncs,
+    An epoch of the reference config on a GPU takes ~50 ms, as long as a sample or a few spool fsyncs,
     so what costs per epoch is throttled by time and always done at the final epoch: metric points
     are spooled at most every METRICS_EVERY_S (and before any checkpoint, which a resume trains on
-    from), the loss curve redrawn at most every PLOT_EVERY_S, and samples that take more than
-    SAMPLE_SHARE of an epoch taken at most every train.sample_every_s.
+    from: the job calls flush_points then), the loss curve redrawn at most every PLOT_EVERY_S, and
+    samples that take more than SAMPLE_SHARE of an epoch taken at most every train.sample_every_s.
     """
 
     def __init__(
         self,
         cfg: Config,
         tracker: Tracker,
-        checkpoints: Checkpoints,
         encoding: tiktoken.Encoding,
         echo: Callable[[str], None],
         title: str,
-        logged_epoch: int = 0,
-        logged_step: int = 0,
+        seconds: dict[str, float],
+        logged: tuple[int, int] = (0, 0),
     ):
-        self.cfg, self.tracker, self.checkpoints = cfg, tracker, checkpoints
-        self.encoding, self.echo, self.title = encoding, echo, title
-        self.logged_epoch, self.logged_step = logged_epoch, logged_step
-        # wall time per reporting activity (metrics, samples, ...); one ledger with the checkpoints' own
-        self.seconds = checkpoints.seconds
+        """seconds: the ledger of wall time per reporting activity; logged: the (epoch, step) the run has
+        logged already (gpt.resume.logged_progress), (0, 0) for a new run."""
+        self.cfg, self.tracker, self.encoding, self.echo, self.title = cfg, tracker, encoding, echo, title
+        self.seconds = seconds
+        self.logged_epoch, self.logged_step = logged
         self.held: list[tuple[str, float, int, int]] = []  # metric points not spooled yet
-        checkpoints.before_write = self.flush_points
         self.history: list[dict[str, Any]] = []  # the trainer's (live) per-epoch history
         self.plotted = 0  # epochs in the last loss curve sent
         self.samples_taken = 0
         self.sample_cost: float | None = None  # seconds of the cheapest epoch's samples, the first one aside
         self.last_flush = self.last_plot = self.last_sample = time.monotonic()
 
-    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
-        epochs = self.cfg.train.epochs
-        final = metrics.epoch == epochs
-        improved = trainer.state.best_epoch == metrics.epoch
+    def on_epoch_end(self, trainer: Trainer, measured: EpochMetrics) -> None:
+        """Hold the epoch's metric points, and spool, plot and sample when due; print the summary line."""
+        final = measured.epoch == self.cfg.train.epochs
         with timed(self.seconds, "metrics"):
-            if metrics.epoch > self.logged_epoch:
+            if measured.epoch > self.logged_epoch:
                 now = int(time.time() * 1000)
-                self.held += [(k, float(v), metrics.epoch, now) for k, v in metrics.as_metrics().items()]
-                self.logged_epoch = metrics.epoch
-            self.hold_steps(metrics.step_losses)
+                self.held += [(k, float(v), measured.epoch, now) for k, v in measured.as_metrics().items()]
+                self.logged_epoch = measured.epoch
+            self.hold_steps(measured.step_losses)
         if final or time.monotonic() - self.last_flush >= METRICS_EVERY_S:
             self.flush_points()
         self.history = trainer.state.history
         if final or time.monotonic() - self.last_plot >= PLOT_EVERY_S:
             self.plot()
-        if self.sample_due(metrics):
-            with timed(self.seconds, "samples"):
-                started = time.perf_counter()
-                text = self.samples(trainer, metrics.epoch)
-                self.tracker.log_text(text, f"samples/epoch_{metrics.epoch:03d}.txt")
-                cost = time.perf_counter() - started
-            self.samples_taken += 1
-            if self.samples_taken > 1:  # the first also warms the decoding path up
-                self.sample_cost = cost if self.sample_cost is None else min(self.sample_cost, cost)
-            self.last_sample = time.monotonic()
-        self.checkpoints.on_epoch(trainer, improved)
-        val = f"{metrics.val_loss:.3f}" if metrics.val_loss is not None else "-"
+        if self.sample_due(measured):
+            self.log_samples(trainer, measured.epoch)
+        val = f"{measured.val_loss:.3f}" if measured.val_loss is not None else "-"
         with timed(self.seconds, "summary line"):
             self.echo(
-                f"epoch {metrics.epoch}/{epochs}  train {metrics.train_loss:.3f}  val {val}  "
-                f"{metrics.tokens_per_second:,.0f} tokens/s  {metrics.epoch_seconds:.1f} s"
+                f"epoch {measured.epoch}/{self.cfg.train.epochs}  train {measured.train_loss:.3f}  val {val}  "
+                f"{measured.tokens_per_second:,.0f} tokens/s  {measured.epoch_seconds:.1f} s"
             )
+
+    def log_samples(self, trainer: Trainer, epoch: int) -> None:
+        """Sample from the model, log the text as samples/epoch_XXX.txt, and learn what sampling costs."""
+        with timed(self.seconds, "samples"):
+            started = time.perf_counter()
+            self.tracker.log_text(self.samples(trainer, epoch), f"samples/epoch_{epoch:03d}.txt")
+            cost = time.perf_counter() - started
+        self.samples_taken += 1
+        if self.samples_taken > 1:  # the first also warms the decoding path up
+            self.sample_cost = cost if self.sample_cost is None else min(self.sample_cost, cost)
+        self.last_sample = time.monotonic()
 
     def log_steps(self, step_losses: StepPoints) -> None:
         """Training stopped early: log these step points and send everything the throttles held back."""
@@ -228,21 +226,10 @@ class Reporter:
         if len(self.history) > self.plotted:
             self.plot()
 
-    def salvage(self, trainer: Trainer) -> None:
-        """After a crash: spool the held metric points and write the best model waiting in memory.
-
-        Best effort, each on its own: the crash may have come from these very writes (a full disk),
-        and the run must still be ended.
-        """
-        with contextlib.suppress(Exception):
-            self.flush_points()
-        with contextlib.suppress(Exception):
-            self.checkpoints.write(trainer, include_last=False)  # the weights may be mid-step: only best.pt
-
     def hold_steps(self, step_losses: StepPoints) -> None:
         """Hold the train_loss_step points after logged_step for the next flush."""
         now = int(time.time() * 1000)
-        new = [("train_loss_step", loss, step, now) for step, loss in step_losses if step > self.logged_step]
+        new = [(metrics.TRAIN_LOSS_STEP, loss, step, now) for step, loss in step_losses if step > self.logged_step]
         if new:
             self.logged_step = new[-1][2]
         self.held += new
@@ -261,18 +248,19 @@ class Reporter:
         self.plotted = len(self.history)
         self.last_plot = time.monotonic()
 
-    def sample_due(self, metrics: EpochMetrics) -> bool:
+    def sample_due(self, measured: EpochMetrics) -> bool:
         """Samples every sample_every epochs while they are cheap next to an epoch, else at most every
         sample_every_s; always at the final epoch and the first two times (warm-up, then their cost)."""
         t = self.cfg.train
-        final = metrics.epoch == t.epochs
-        if not t.sample_every or (metrics.epoch % t.sample_every and not final):
+        final = measured.epoch == t.epochs
+        if not t.sample_every or (measured.epoch % t.sample_every and not final):
             return False
-        if final or self.sample_cost is None or self.sample_cost <= SAMPLE_SHARE * metrics.epoch_seconds:
+        if final or self.sample_cost is None or self.sample_cost <= SAMPLE_SHARE * measured.epoch_seconds:
             return True
         return time.monotonic() - self.last_sample >= t.sample_every_s
 
     def samples(self, trainer: Trainer, epoch: int) -> str:
+        """The epoch's samples as text: one continuation per train.sample_prompts, seeded by seed + epoch."""
         t = self.cfg.train
         generator = torch.Generator(device=trainer.device).manual_seed(t.seed + epoch)  # leaves training RNG alone
         lines = [f"epoch {epoch}, temperature {t.temperature}, top_k {t.top_k}", ""]

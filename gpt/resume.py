@@ -1,6 +1,6 @@
 """Continuing a run: which checkpoint, config and store --resume means, and how far the run has logged.
 
-A run resumes with its own config (only RESUMABLE_KEYS may change) on the very files it trained on,
+A run resumes with its own config (only keys marked resumable in gpt.config may change) on the very files it trained on,
 in its own MLflow run.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from gpt import checkpoint
-from gpt.config import Config, apply_overrides, validate
+from gpt import checkpoint, metrics
+from gpt.config import Config, apply_overrides, resumable_keys, validate
 from gpt.data import Corpus
 from gpt.errors import UserError
 from gpt.runs import find_checkpoint, local_run_dir
@@ -25,19 +25,6 @@ from gpt.tracking import Spool
 from gpt.trainer import TrainState
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-# What a resumed run may change: how long it trains, and where and how often it reports. Any other
-# key would make the run's logged params describe something it did not train.
-RESUMABLE_KEYS = (
-    "train.epochs",
-    "train.device",
-    "train.compile",
-    "train.checkpoint_every_s",
-    "train.sample_every",
-    "train.sample_every_s",
-    "train.system_metrics",
-    "model.loss_chunk_rows",
-)
-PROGRESS_KEYS = ("train_loss", "train_loss_step")  # the metrics whose last step says how far a run has logged
 
 
 @dataclass
@@ -55,7 +42,7 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
     """The config, checkpoint and run to continue, from a run id (its last.pt) or a checkpoint file.
 
     The store is tracking_uri (the option), else (for a file) the one the checkpoint names, else the default.
-    Only RESUMABLE_KEYS may be overridden; the data are the very files the run trained on.
+    Only resumable keys (gpt.config.resumable_keys) may be overridden; the data are the very files the run trained on.
     """
     by_id = RUN_ID.fullmatch(target) is not None and not Path(target).exists()
     uri = resolve_tracking_uri(tracking_uri)
@@ -80,9 +67,9 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
     cfg = checkpoint.config_of(payload, source)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if "=" in item and key not in RESUMABLE_KEYS:
+        if "=" in item and key not in resumable_keys():
             raise UserError(
-                f"--resume continues run {run_id} with its own config: only {', '.join(RESUMABLE_KEYS)} "
+                f"--resume continues run {run_id} with its own config: only {', '.join(resumable_keys())} "
                 f"may change, not {key}"
             )
     apply_overrides(cfg, overrides)
@@ -117,9 +104,9 @@ def check_same_data(payload: dict[str, Any], corpus: Corpus) -> None:
 
 def logged_progress(client: MlflowClient, run_id: str, spool: Spool) -> tuple[int, int]:
     """The last epoch and step a run has logged, sent or still in its spool."""
-    spooled = spool.last_steps(PROGRESS_KEYS)
+    spooled = spool.last_steps(metrics.PROGRESS)
     last = []
-    for key in PROGRESS_KEYS:
+    for key in metrics.PROGRESS:
         history = with_retries(lambda key=key: client.get_metric_history(run_id, key))
         last.append(max([spooled[key], *(m.step for m in history)]))
     return last[0], last[1]

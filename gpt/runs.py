@@ -12,9 +12,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from gpt import env
 from gpt.errors import UserError
-from gpt.store import local_artifact_dir, resolve_tracking_uri, sqlite_folder
-from gpt.text import default_cache_dir
+from gpt.store import local_artifact_dir, resolve_tracking_uri, sqlite_folder, sqlite_path
 
 CHECKPOINTS = "checkpoints"  # where a training run logs best.pt and last.pt
 
@@ -32,9 +32,9 @@ def _reason(exc: Exception) -> str:
 
 def _open(run_id: str, tracking_uri: str | None) -> tuple[MlflowClient, Run]:
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
+    store = sqlite_path(uri)
+    if store is not None:
         # MLflow would create an empty store here and then report the run as unknown
-        store = Path(uri[len("sqlite:///") :]).expanduser()
         if not store.is_file():
             raise UserError(
                 f"no MLflow store at {store} ({uri}): train a model first, or pass --tracking-uri "
@@ -49,11 +49,14 @@ def _open(run_id: str, tracking_uri: str | None) -> tuple[MlflowClient, Run]:
         raise UserError(f"cannot read run {run_id!r} from {uri}: {_reason(exc)}") from None
 
 
-def find_checkpoint(run_id: str, which: str = "best", tracking_uri: str | None = None) -> Path:
+def find_checkpoint(
+    run_id: str, which: str = "best", tracking_uri: str | None = None, cache_dir: Path | None = None
+) -> Path:
     """The local file of a run's checkpoint.
 
     which: `best` or `last` (checkpoints/<which>.pt), an artifact path inside the run, else a local
-    file. Artifacts in a local store are used in place; remote ones are downloaded to the cache.
+    file. Artifacts in a local store are used in place; remote ones are downloaded to cache_dir (default
+    $GPT_CACHE_DIR, gpt.env).
     """
     client, run = _open(run_id, tracking_uri)
     artifact = f"{CHECKPOINTS}/{which}.pt" if which in ("best", "last") else which
@@ -72,7 +75,7 @@ def find_checkpoint(run_id: str, which: str = "best", tracking_uri: str | None =
         local = local_artifact_dir(run.info.artifact_uri)
         if local is not None:
             return local / artifact
-        target = default_cache_dir() / "checkpoints" / run_id / artifact
+        target = (cache_dir or env.cache_dir()) / "checkpoints" / run_id / artifact
         target.parent.mkdir(parents=True, exist_ok=True)
         # each process downloads into its own folder and moves the file into place: torchrun's ranks
         # resuming at once never read a half-written checkpoint

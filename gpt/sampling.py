@@ -12,7 +12,6 @@ from __future__ import annotations
 import codecs
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,33 +19,13 @@ import tiktoken
 import torch
 
 from gpt import checkpoint, tokenizer
-from gpt.config import Config
+from gpt.config import Config, Sampling
+from gpt.device import inference_dtype
 from gpt.errors import UserError
 from gpt.model import GPT, KVCache
+from gpt.text import MAX_PROMPT_CHARS, TOO_LONG
 
-MAX_PROMPT_CHARS = 1_000_000  # the model sees only the last context_length tokens; more is a mistake
-_TOO_LONG = (
-    f"at most {MAX_PROMPT_CHARS:,} characters make sense, as the model sees only the last context_length "
-    "tokens: pass the end of the text"
-)
 STOP_CHECK_EVERY = 16  # steps between host syncs that ask whether every sample has stopped
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is drawn from the logits; temperature 0 means greedy (argmax)."""
-
-    temperature: float = 1.0
-    top_k: int | None = None  # keep the k most likely tokens; None keeps all
-    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p; None or 1 keeps all
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserError(f"temperature must not be negative (0 means greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"top-k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -263,14 +242,20 @@ def text_pieces(encoding: tiktoken.Encoding, tokens: Iterator[int]) -> Iterator[
 # ---------------------------------------------------------------- loading and prompts
 
 
-def load_model(path: Path, device: torch.device) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, object]]:
-    """A checkpoint's model (eval mode, bf16 on CUDA), its config, its tokenizer and its metadata."""
+def load_model(
+    path: Path, device: torch.device, tokenizer_file: str | None = None
+) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, object]]:
+    """A checkpoint's model (eval mode, in gpt.device.inference_dtype), its config, its tokenizer (from
+    tokenizer_file, else $GPT_TIKTOKEN_FILE or a download) and its position (gpt.checkpoint.position).
+
+    Raises UserError for a checkpoint that is missing, corrupt, of another tokenizer or of a config
+    its weights do not fit."""
     payload = checkpoint.load(path)
     cfg = checkpoint.config_of(payload, source=f"checkpoint {path}")
     name = (payload.get("tokenizer") or {}).get("name")
     if name != "gpt2":
         raise UserError(f"checkpoint {path} uses tokenizer {name!r}; only 'gpt2' is supported")
-    encoding = tokenizer.get_encoding()
+    encoding = tokenizer.get_encoding(tokenizer_file)
     if cfg.model.vocab_size < encoding.n_vocab:
         raise UserError(
             f"checkpoint {path}: model.vocab_size {cfg.model.vocab_size} is smaller than the gpt2 "
@@ -278,27 +263,8 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, Config, tiktoken.
         )
     model = GPT(cfg.model)
     checkpoint.load_model_state(model, payload["model"], source=f"checkpoint {path}")
-    # bf16 halves the bytes each decode step reads; CPU matmuls are faster in fp32
-    model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    info = {key: payload.get(key) for key in ("epoch", "step", "best_val_loss", "run_id")}
-    return model, cfg, encoding, info
-
-
-def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
-    """The prompt text from exactly one of --prompt and --prompt-file."""
-    if (prompt is None) == (prompt_file is None):
-        raise UserError("give exactly one of --prompt TEXT and --prompt-file FILE")
-    if prompt is not None:
-        return prompt
-    path = Path(prompt_file)
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
-    if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # UTF-8 takes at most 4 bytes a character
-        raise UserError(f"prompt file {path} has {path.stat().st_size:,} bytes; {_TOO_LONG}")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read prompt file {path}: {exc}") from None
+    model.to(device=device, dtype=inference_dtype(device)).eval()
+    return model, cfg, encoding, checkpoint.position(payload)
 
 
 def encode_prompt(encoding: tiktoken.Encoding, text: str) -> list[int]:
@@ -309,7 +275,7 @@ def encode_prompt(encoding: tiktoken.Encoding, text: str) -> list[int]:
             f"(for an unconditional sample use --prompt '{tokenizer.ENDOFTEXT}')"
         )
     if len(text) > MAX_PROMPT_CHARS:
-        raise UserError(f"the prompt has {len(text):,} characters; {_TOO_LONG}")
+        raise UserError(f"the prompt has {len(text):,} characters; {TOO_LONG}")
     return tokenizer.encode(encoding, text)
 
 

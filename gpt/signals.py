@@ -49,6 +49,7 @@ class StopOnSignal:
 
     @property
     def exit_code(self) -> int:
+        """128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
         return 128 + (self.signal_number or signal.SIGINT)  # a stop asked for in code counts as Ctrl-C
 
     def _handle(self, number: int, frame: object) -> None:

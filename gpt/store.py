@@ -25,6 +25,7 @@ from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from gpt import env
 from gpt.errors import UserError
 
 try:
@@ -60,26 +61,18 @@ class TrackingUnavailable(UserError):
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under ./mlruns."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return cli_uri or env.tracking_uri() or DEFAULT_TRACKING_URI
 
 
 def absolute_uri(uri: str) -> str:
     """A SQLite URI that no longer depends on the current directory (others are returned as they are)."""
     path = sqlite_path(uri)
-    return f"sqlite:///{path}" if path is not None and not uri.endswith(":memory:") else uri
+    return f"sqlite:///{path}" if path is not None else uri
 
 
 def is_remote(uri: str) -> bool:
+    """Whether the tracking URI is an HTTP(S) server."""
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
-
-
-def quiet_client_retries() -> None:
-    """MLflow retries a dead server for minutes per call; our own sender retries instead."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # MLflow prints its own run links when a run ends; ours open the UI's model-training view
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -88,11 +81,11 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     if scheme in ("http", "https"):
         _check_server(uri, timeout)
     elif scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            _check_sqlite_file(uri, Path(path).expanduser())
+        path = sqlite_path(uri)
+        if path is not None:
+            _check_sqlite_file(uri, path)
     elif scheme in ("", "file"):
-        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        if not env.allow_file_store():
             raise UserError(
                 f"tracking URI {uri!r} is a plain folder (MLflow's retired file store); "
                 f"use {DEFAULT_TRACKING_URI} or an http:// server"
@@ -216,10 +209,14 @@ def open_client(uri: str) -> MlflowClient:
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
-    """The file of a SQLite store, or None for other stores."""
+    """The file of a SQLite store as an absolute path, or None for other stores (and in-memory SQLite).
+
+    The one place a sqlite:/// URI is taken apart: every reader of the store's location goes through it.
+    """
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    return Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve()
+    path = tracking_uri[len("sqlite:///") :]
+    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
 
 
 def sqlite_folder(tracking_uri: str) -> Path | None:
@@ -238,6 +235,10 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if needed and tagged to open in the UI's model-training view.
+
+    Raises UserError for a deleted experiment.
+    """
     experiment = with_retries(lambda: client.get_experiment_by_name(name))
     if experiment is None:
         location = artifact_location(client.tracking_uri, name)
@@ -278,4 +279,5 @@ def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def flatten_params(params: dict[str, Any]) -> list[Param]:
+    """MLflow Params, values cut to MLflow's 6,000-character limit."""
     return [Param(key, str(value)[:PARAM_LIMIT]) for key, value in params.items()]

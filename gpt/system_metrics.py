@@ -73,7 +73,8 @@ class SystemMetrics:
         except Exception as exc:  # a GPU that vanished, a psutil error: skip this reading
             logging.getLogger(__name__).warning("system metrics reading failed: %s", exc)
             return
-        self.tracker.log_metrics({self.prefix + key: value for key, value in values.items()}, self.step)
+        now = int(time.time() * 1000)
+        self.tracker.log_points([(self.prefix + key, float(value), self.step, now) for key, value in values.items()])
         self.step += 1
         self.last_reading = time.monotonic()
 

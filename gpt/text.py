@@ -10,9 +10,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt import env
 from gpt.errors import UserError
 
-GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
+MAX_PROMPT_CHARS = 1_000_000  # the model sees only the last context_length tokens; more is a mistake
+TOO_LONG = (
+    f"at most {MAX_PROMPT_CHARS:,} characters make sense, as the model sees only the last context_length "
+    "tokens: pass the end of the text"
+)
 _WHITESPACE = re.compile(r"\s+")
 _START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 # The footer starts at "*** END OF ... ***" or at the "End of (the) Project Gutenberg's ..." line before it.
@@ -23,18 +28,14 @@ _END = re.compile(
 
 @dataclass(frozen=True)
 class Document:
+    """One source text after stripping and cleaning."""
     name: str  # file stem, used for cleaned_<name>.txt
     path: Path  # where the raw text lives (a downloaded book lives in the cache)
     text: str  # after optional stripping and cleaning
 
 
-def default_cache_dir() -> Path:
-    """Where downloads, cleaned texts and token caches go: $GPT_CACHE_DIR or ~/.cache/gpt-mlflow."""
-    return Path(os.environ.get("GPT_CACHE_DIR") or Path.home() / ".cache" / "gpt-mlflow")
-
-
 def clean_text(text: str) -> str:
-    """Collapse every run of whitespace (newlines included) to one space, as the seed did."""
+    """Collapse every run of whitespace (newlines included) to one space, as the reference implementation does."""
     return _WHITESPACE.sub(" ", text).strip()
 
 
@@ -77,6 +78,7 @@ def expand_sources(sources: list[str], cache_dir: Path) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
+    """A file's text (UTF-8, BOM dropped); UserError for a missing, binary, non-UTF-8 or empty file."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -120,14 +122,14 @@ def save_cleaned(documents: list[Document], directory: Path) -> None:
 def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
     """Fetch a Project Gutenberg book once; later calls read the cached copy.
 
-    $GPT_GUTENBERG_URL (with {id}) points the download elsewhere, e.g. a local mirror in tests.
+    $GPT_GUTENBERG_URL (with {id}) points the download elsewhere, e.g. a mirror (gpt.env).
     """
     if not book_id.isdigit():
         raise UserError(f"data: gutenberg:{book_id} - the book id must be a number, e.g. gutenberg:11")
     target = cache_dir / "gutenberg" / f"pg{book_id}.txt"
     if target.is_file():
         return target
-    url = os.environ.get("GPT_GUTENBERG_URL", GUTENBERG_URL).format(id=book_id)
+    url = env.gutenberg_url().format(id=book_id)
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             body = response.read()
@@ -139,3 +141,20 @@ def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
     partial.write_bytes(body)
     partial.replace(target)  # atomic: an interrupted download never looks complete
     return target
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text from exactly one of --prompt and --prompt-file."""
+    if (prompt is None) == (prompt_file is None):
+        raise UserError("give exactly one of --prompt TEXT and --prompt-file FILE")
+    if prompt is not None:
+        return prompt
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # UTF-8 takes at most 4 bytes a character
+        raise UserError(f"prompt file {path} has {path.stat().st_size:,} bytes; {TOO_LONG}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompt file {path}: {exc}") from None

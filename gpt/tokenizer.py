@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from gpt import env
 from gpt.errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -16,16 +16,12 @@ ENDOFTEXT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def tokenizer_file_from_env() -> str | None:
-    return os.environ.get("GPT_TIKTOKEN_FILE") or None
-
-
 def get_encoding(ranks_file: str | None = None) -> tiktoken.Encoding:
     """GPT-2's encoding; built from `ranks_file` (or $GPT_TIKTOKEN_FILE) when one is given.
 
     Without a local file this is tiktoken.get_encoding("gpt2"), which downloads once and caches.
     """
-    return _encoding(ranks_file or tokenizer_file_from_env())
+    return _encoding(ranks_file or env.tiktoken_file())
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,4 +51,5 @@ def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
 
 
 def encode(encoding: tiktoken.Encoding, text: str) -> list[int]:
+    """Token ids of text; <|endoftext|> in the text becomes its special token (50256)."""
     return encoding.encode(text, allowed_special={ENDOFTEXT})

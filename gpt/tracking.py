@@ -27,6 +27,8 @@ from typing import Any
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from gpt import env
+from gpt.delivery import deliver_datasets, deliver_model
 from gpt.errors import UserError
 from gpt.plots import loss_curve
 from gpt.store import (
@@ -40,23 +42,7 @@ from gpt.store import (
     with_retries,
 )
 
-CLOSE_TIMEOUT_ENV = "GPT_TRACKING_TIMEOUT"  # seconds a finished run waits for its tracking data to be delivered
-DEFAULT_CLOSE_TIMEOUT = 120.0
 CLOSING_RETRY_S = 2.0  # once a run has ended, how often delivery is retried while close() waits
-
-
-def close_timeout() -> float:
-    """$GPT_TRACKING_TIMEOUT, else DEFAULT_CLOSE_TIMEOUT seconds."""
-    text = os.environ.get(CLOSE_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_CLOSE_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise UserError(f"{CLOSE_TIMEOUT_ENV} must be a number of seconds (0 or more), got {text!r}")
-    return value
 
 
 class Spool:
@@ -95,6 +81,7 @@ class Spool:
         return item
 
     def items(self) -> list[dict[str, Any]]:
+        """Every readable spooled item, in order (lines a damaged disk garbled are skipped)."""
         if not self.journal.is_file():
             return []
         items = []
@@ -106,16 +93,19 @@ class Spool:
         return items
 
     def pending(self) -> list[dict[str, Any]]:
+        """The spooled items not delivered yet."""
         delivered = self.delivered()
         return [item for item in self.items() if item["seq"] > delivered]
 
     def delivered(self) -> int:
+        """The seq of the last item delivered (0: none)."""
         try:
             return int(self.delivered_file.read_text().strip() or 0)
         except (FileNotFoundError, ValueError):
             return 0
 
     def mark_delivered(self, seq: int) -> None:
+        """Record (atomically) that every item up to seq was delivered."""
         partial = self.delivered_file.with_suffix(".tmp")
         partial.write_text(str(seq))
         os.replace(partial, self.delivered_file)
@@ -155,12 +145,8 @@ def deliver(client: MlflowClient, run_id: str, item: dict[str, Any], local_dir: 
                 path = loss_curve(history, Path(folder) / item["file"], title=item.get("title", ""))
                 client.log_artifact(run_id, str(path), item["artifact_path"])
     elif kind == "datasets":
-        from gpt.datasets import deliver_datasets
-
         deliver_datasets(client, run_id, item["inputs"])
     elif kind == "model":  # an MLflow Model folder: logged (and registered) step by step, resumably
-        from gpt.logged_model import deliver_model
-
         deliver_model(client, run_id, item, local_dir)
     elif kind == "end":
         client.set_terminated(run_id, item["status"])
@@ -201,20 +187,18 @@ class Tracker:
 
     # -- what training calls; each returns at once
 
-    def log_metrics(self, values: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.log_points([(key, float(value), step, now) for key, value in values.items()])
-
     def log_points(self, points: list[tuple[str, float, int, int]]) -> None:
         """(key, value, step, timestamp_ms) tuples, sent as one batch."""
         if points:
             self._put({"kind": "metrics", "points": points})
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        self._put({"kind": "params", "params": {k: str(v) for k, v in params.items()}})
-
     def set_tags(self, tags: dict[str, Any]) -> None:
+        """Run tags, values as strings (the run's description: gpt.run_summary)."""
         self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params, values as strings (MLflow's params are write-once)."""
+        self._put({"kind": "params", "params": {k: str(v) for k, v in params.items()}})
 
     def log_file(self, path: Path, artifact_path: str | None, snapshot: bool = True) -> None:
         """Upload a file. With snapshot, a copy is queued so later rewrites of `path` don't race."""
@@ -225,6 +209,7 @@ class Tracker:
         self._put({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact, e.g. samples/epoch_001.txt (staged in the outbox, then uploaded)."""
         target = self._staged(Path(artifact_file).name)
         target.write_text(text, encoding="utf-8")
         folder = str(Path(artifact_file).parent)
@@ -252,16 +237,17 @@ class Tracker:
         self._put({"kind": "plot", "file": "loss_curve.png", "artifact_path": "plots", "title": title})
 
     def pending(self) -> int:
+        """Items spooled but not delivered yet."""
         return self.spool.last_seq - self.spool.delivered()
 
     def close(
         self, status: str = "FINISHED", timeout: float | None = None, notify: Callable[[str], None] = _warn
     ) -> bool:
-        """End the run and wait up to `timeout` s (default: close_timeout()) for delivery.
+        """End the run and wait up to `timeout` s (default: $GPT_TRACKING_TIMEOUT, gpt.env) for delivery.
 
         Returns True when everything was delivered; False leaves a spool for `train.py --replay`.
         """
-        timeout = close_timeout() if timeout is None else timeout
+        timeout = env.tracking_timeout() if timeout is None else timeout
         if not self._closed:
             self._closed = True
             for stop in self.before_close:

@@ -9,56 +9,29 @@ states, resumes to exactly the same losses.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt import metrics
 from gpt.config import Config
 from gpt.data import Corpus, Windows, epoch_order, sequential_batches
+from gpt.device import autocast_dtype, fused_adamw, use_compile
 from gpt.distributed import STOP_CHECK_STEPS, Ranks
-from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.state import TrainState
 
 StepPoints = list[tuple[int, float]]  # (global step, training loss) of the steps that are logged
 
 
 @dataclass
-class TrainState:
-    epoch: int = 0  # finished epochs
-    batch_in_epoch: int = 0  # batches of epoch+1 already done (non-zero only mid-epoch)
-    step: int = 0  # optimizer steps so far
-    tokens_seen: int = 0  # training target tokens so far
-    wall_seconds: float = 0.0  # training + validation time so far, across resumes
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    epoch_losses: list[float] = field(default_factory=list)  # losses of the batches done this epoch (mid-epoch)
-    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, for plots
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # a deep copy: a checkpoint must not change as training goes on
-
-    @classmethod
-    def from_dict(cls, values: Any, source: str) -> TrainState:
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: the training state is a {type(values).__name__}, not a mapping")
-        missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
-        if missing or unknown:
-            raise UserError(
-                f"{source}: the training state is not from this version of the tool "
-                f"(missing {', '.join(missing) or 'nothing'}; unknown {', '.join(unknown) or 'nothing'})"
-            )
-        return cls(**values)
-
-
-@dataclass
 class EpochMetrics:
+    """What one epoch measured: losses in nats, tokens, seconds (see gpt.metrics)."""
     epoch: int
     train_loss: float
     val_loss: float | None
@@ -69,21 +42,25 @@ class EpochMetrics:
     step_losses: StepPoints  # every log_every_steps, and the epoch's last step
 
     def as_metrics(self) -> dict[str, float]:
+        """MLflow metric name (gpt.metrics) -> value, for step = epoch."""
         values = {
-            "train_loss": self.train_loss,
-            "tokens_seen": self.tokens_seen,
-            "epoch_seconds": self.epoch_seconds,
-            "wall_seconds": self.wall_seconds,
-            "tokens_per_second": self.tokens_per_second,
+            metrics.TRAIN_LOSS: self.train_loss,
+            metrics.TOKENS_SEEN: self.tokens_seen,
+            metrics.EPOCH_SECONDS: self.epoch_seconds,
+            metrics.WALL_SECONDS: self.wall_seconds,
+            metrics.TOKENS_PER_SECOND: self.tokens_per_second,
         }
         if self.val_loss is not None:
-            values["val_loss"] = self.val_loss
-            values["val_ppl"] = math.exp(min(self.val_loss, 50.0))
+            values[metrics.VAL_LOSS] = self.val_loss
+            values[metrics.VAL_PPL] = math.exp(min(self.val_loss, 50.0))
         return values
 
 
 class Observer(Protocol):
-    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None: ...
+    """What the trainer calls after each epoch (gpt.reporting's Reporter and Checkpoints)."""
+
+    def on_epoch_end(self, trainer: Trainer, measured: EpochMetrics) -> None:
+        """Called after each epoch, validation included."""
 
 
 class Interrupted(Exception):
@@ -105,28 +82,8 @@ class NonFiniteLoss(Exception):
         self.epoch, self.step, self.step_points = epoch, step, step_points
 
 
-def resolve_device(requested: str, option: str = "train.device") -> torch.device:
-    """auto | cuda | mps | cpu -> a device that exists here; `option` names the setting in errors."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if requested == "auto":
-        return torch.device(next(name for name, ok in available.items() if ok))
-    if requested not in available:
-        raise UserError(f"{option} must be one of auto, cuda, mps, cpu; got {requested!r}")
-    if not available[requested]:
-        what = "CUDA GPU" if requested == "cuda" else "MPS device"
-        raise UserError(f"{option} is {requested} but no {what} is available; use --device auto or cpu")
-    return torch.device(requested)
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; full fp32 on CPU and MPS unless asked."""
-    precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the model's parameters (with decay_groups: no decay on biases, norms, embeddings)."""
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     if t.decay_groups:  # weight decay on matrices only, not on biases, norms or embeddings
@@ -136,10 +93,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
     else:
         groups = [{"params": params, "weight_decay": t.weight_decay}]
     # fused AdamW runs the whole update as a few kernels instead of several per parameter
-    return torch.optim.AdamW(groups, lr=t.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=t.lr, fused=fused_adamw(device))
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine to min_lr."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -150,6 +108,11 @@ def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
 
 
 class Trainer:
+    """The epoch loop over a corpus's shuffled windows, with AdamW and per-epoch validation.
+
+    fit() trains until train.epochs are done and calls each observer's on_epoch_end; it raises
+    Interrupted (a stop was requested) or NonFiniteLoss. on_step, if set, sees every step.
+    """
     def __init__(
         self,
         cfg: Config,
@@ -166,9 +129,9 @@ class Trainer:
         # the corpus is small next to the model: keep it on the device and cut windows there
         self.train_windows = Windows(corpus.train.to(device), cfg.window_length, cfg.window_stride)
         self.val_windows = Windows(corpus.val.to(device), cfg.window_length, cfg.window_length)
-        self.dtype = autocast_dtype(cfg, device)
-        use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.dtype = autocast_dtype(cfg.train, device)
+        compiled = use_compile(cfg.train, device)
+        self.forward = torch.compile(self.model) if compiled else self.model
         # training steps go through DDP, which all-reduces the gradients during backward; validation
         # and sampling use the bare model (DDP would wait for the other ranks on every forward)
         self.step_forward = self.forward
@@ -177,7 +140,7 @@ class Trainer:
             ddp = DistributedDataParallel(self.model, device_ids=device_ids)
             # compile the DDP module rather than wrap a compiled one: the compiler then splits the graph
             # at DDP's gradient buckets, so their all-reduces overlap the rest of the backward pass
-            self.step_forward = torch.compile(ddp) if use_compile else ddp
+            self.step_forward = torch.compile(ddp) if compiled else ddp
         self.stop_requested = False
         self.observers: list[Observer] = []
         # called after every step with (epoch, batches done, batches in epoch, this rank's loss on the device)
@@ -196,12 +159,17 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until cfg.train.epochs are done; raises Interrupted or NonFiniteLoss."""
         while self.state.epoch < self.cfg.train.epochs:
-            metrics = self.run_epoch()
+            measured = self.run_epoch()
             for observer in self.observers:
-                observer.on_epoch_end(self, metrics)
+                observer.on_epoch_end(self, measured)
         return self.state
 
     def run_epoch(self) -> EpochMetrics:
+        """Train the rest of the current epoch, validate when due, and return its metrics.
+
+        Raises Interrupted between steps once a stop is requested (agreed by every rank), and
+        NonFiniteLoss when a step's loss was NaN or infinite (found at the epoch's one host sync).
+        """
         s, t = self.state, self.cfg.train
         epoch = s.epoch + 1
         total_steps = self.steps_per_epoch * t.epochs
@@ -249,7 +217,7 @@ class Trainer:
         if val_loss is not None and val_loss < s.best_val_loss:
             s.best_val_loss, s.best_epoch = val_loss, epoch
         trained = s.tokens_seen - tokens_before
-        metrics = EpochMetrics(
+        measured = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,
             val_loss=val_loss,
@@ -259,8 +227,8 @@ class Trainer:
             tokens_per_second=trained / seconds if seconds > 0 else 0.0,
             step_losses=step_losses,
         )
-        s.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "step": s.step})
-        return metrics
+        s.history.append({"epoch": epoch, metrics.TRAIN_LOSS: train_loss, metrics.VAL_LOSS: val_loss, "step": s.step})
+        return measured
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """One optimizer step on this rank's windows, its mean loss weighted for DDP's gradient average

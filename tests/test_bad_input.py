@@ -24,7 +24,8 @@ from gpt import checkpoint
 from gpt.config import Config, ModelConfig
 from gpt.data import sha256_file
 from gpt.model import GPT
-from gpt.trainer import TrainState, build_optimizer
+from gpt.state import TrainState
+from gpt.trainer import build_optimizer
 
 pytestmark = pytest.mark.skipif(not RANKS.is_file(), reason=f"no tokenizer ranks file at {RANKS}")
 
@@ -60,10 +61,7 @@ def training_checkpoint(run_id: str, uri: str, epoch: int, data: Path = VERDICT,
         "config": cfg.to_dict(),
         "model": model.state_dict(),
         "optimizer": build_optimizer(cfg, model, torch.device("cpu")).state_dict(),
-        "state": TrainState(epoch=epoch, step=16 * epoch).to_dict(),
-        "epoch": epoch,
-        "step": 16 * epoch,
-        "best_val_loss": 9.0,
+        "state": TrainState(epoch=epoch, step=16 * epoch, best_val_loss=9.0).to_dict(),
         "rng": checkpoint.rng_state(),
         "tokenizer": {"name": "gpt2"},
         "run_id": run_id,
@@ -248,7 +246,7 @@ CASES = [
      "prompt file not found"),
     case("empty prompt", "generate", ["--checkpoint", "{inputs}/good.pt", "--prompt", "  "], "the prompt is empty"),
     case("unknown device", "generate", [*SAMPLE, "--device", "tpu"],
-     "device must be one of"),
+     "Invalid value for '--device'"),
     case("tokens not a number", "generate", [*SAMPLE, "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
 ]  # fmt: skip
 

@@ -14,6 +14,7 @@ from gpt import checkpoint
 from gpt.config import Config, ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.state import TrainState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,9 +44,7 @@ def payload(cfg: Config, model: GPT, optimizer: torch.optim.Optimizer, epoch: in
         "config": cfg.to_dict(),
         "model": checkpoint.model_state(model),
         "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "step": 42,
-        "best_val_loss": 4.25,
+        "state": TrainState(epoch=epoch, step=42, best_val_loss=4.25).to_dict(),
         "rng": checkpoint.rng_state(),
         "tokenizer": "gpt2",
     }
@@ -74,7 +73,8 @@ def test_round_trip_restores_model_optimizer_config_and_counters(tmp_path):
 
     loaded = checkpoint.load(path)
     assert loaded["format"] == checkpoint.FORMAT
-    assert (loaded["epoch"], loaded["step"], loaded["best_val_loss"], loaded["tokenizer"]) == (3, 42, 4.25, "gpt2")
+    where = checkpoint.position(loaded)
+    assert (where["epoch"], where["step"], where["best_val_loss"], loaded["tokenizer"]) == (3, 42, 4.25, "gpt2")
     assert checkpoint.config_of(loaded) == cfg
 
     restored = GPT(checkpoint.config_of(loaded).model)

@@ -10,7 +10,7 @@ from conftest import ROOT
 from gpt import config
 from gpt.config import Config
 from gpt.errors import UserError
-from gpt.model import count_parameters
+from gpt.sizes import count_parameters
 
 TINY = ROOT / "configs" / "tiny.yaml"
 SEED = ROOT / "configs" / "gpt2-128.yaml"
@@ -134,7 +134,7 @@ def test_override_int_from_integral_float():
 
 @pytest.mark.parametrize("text", ["4e-4", "4E-4", "1e-3", "+3e-4", "5.0e-4"])
 def test_override_float_in_scientific_notation(text):
-    # PyYAML (YAML 1.1) reads '4e-4' as a string; the seed's lr is written exactly like this.
+    # PyYAML (YAML 1.1) reads '4e-4' as a string; the reference config's lr is written exactly like this.
     assert config.load(None, [f"train.lr={text}"]).train.lr == pytest.approx(float(text))
 
 

@@ -1,4 +1,4 @@
-"""gpt.data: the seed's windows without copies, the positional train/val split, batches, token cache."""
+"""gpt.data: the reference's windows without copies, the positional train/val split, batches, token cache."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from conftest import RANKS
 
 from gpt import config, data, tokenizer
 from gpt.config import Config
-from gpt.data import Windows, count_windows, epoch_order, steps_per_epoch
+from gpt.data import Windows, epoch_order
 from gpt.errors import UserError
+from gpt.sizes import count_windows, steps_per_epoch
 
 
 class PositionEncoding:
@@ -57,7 +58,7 @@ def story_file(tmp_path: Path, sentence: str) -> Path:
 
 
 def seed_windows(ids: list[int], length: int, stride: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The seed's loop, written out: the reference every window must match."""
+    """The reference's loop, written out: the reference every window must match."""
     inputs, targets = [], []
     for i in range(0, len(ids) - length, stride):
         inputs.append(ids[i : i + length])

@@ -18,6 +18,7 @@ from gpt.config import Config, ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.runs import find_checkpoint
+from gpt.state import TrainState
 from gpt.store import resolve_tracking_uri
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,9 +45,7 @@ def payload(seed: int, config: Config = TINY, model_config: ModelConfig | None =
         "config": config.to_dict(),
         "model": model.state_dict(),
         "optimizer": None,
-        "epoch": 3,
-        "step": 30,
-        "best_val_loss": 5.0,
+        "state": TrainState(epoch=3, step=30, best_val_loss=5.0).to_dict(),
         "rng": checkpoint.rng_state(),
         "tokenizer": {"name": "gpt2"},
         **extra,
@@ -192,7 +191,7 @@ def one_line_error(result: Result) -> str:
         (["--run", "{run}", "--top-p", "1.5"], r"top-p must be in \(0, 1\], got 1.5"),
         (["--run", "{run}", "--max-tokens", "0"], "--max-tokens and --num-samples must be at least 1"),
         (["--run", "{run}", "--stream", "--num-samples", "2"], "--stream prints one sample"),
-        (["--run", "{run}", "--device", "tpu"], "device must be one of"),
+        (["--run", "{run}", "--device", "tpu"], "Invalid value for .--device."),
         (["--run", "{run}", "--top-k", "many"], "'many' is not a valid integer"),
         ([], "give --run RUN_ID"),
         (["--checkpoint", "missing.pt"], "there is no file 'missing.pt'"),
@@ -237,7 +236,7 @@ def test_debug_shows_the_traceback(store):
 def test_find_checkpoint_uses_a_local_store_in_place(store):
     best = find_checkpoint(store.run, "best", store.uri)
     assert best == store.root / "artifacts" / store.run / "artifacts" / "checkpoints" / "best.pt"
-    assert checkpoint.load(best)["epoch"] == 3
+    assert checkpoint.load(best)["state"]["epoch"] == 3
 
 
 def test_default_tracking_uri_is_the_environment_or_the_local_sqlite_store(monkeypatch):

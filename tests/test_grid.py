@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,16 +15,15 @@ from gpt.ablation.grid import (
     GridSpec,
     SkippedCell,
     cell_id,
-    corpus_key,
     expand,
     format_plan,
     plan_rows,
 )
 from gpt.ablation.grid_file import load_grid
-from gpt.config import load
-from gpt.data import build_corpus, count_windows, data_stats
+from gpt.config import TrainConfig, load, setting
+from gpt.data import build_corpus, data_stats
 from gpt.errors import UserError
-from gpt.model import flops_per_token
+from gpt.sizes import count_windows, flops_per_token
 from gpt.tokenizer import get_encoding
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -36,7 +37,7 @@ def write_grid(tmp_path: Path, content: dict | str, name: str = "grid.yaml") -> 
 
 
 def tiny_grid(tmp_path: Path, **fields) -> Path:
-    """A grid file on configs/tiny.yaml (2 layers, 4 heads, width 64, context 32, stride = window)."""
+    """A grid file on configs/tiny.yaml (2 layers, 2 heads, width 32, context 32, stride = window)."""
     return write_grid(tmp_path, {"name": "test", "base": str(TINY), "data": ["book.txt"], **fields})
 
 
@@ -198,6 +199,9 @@ def test_cell_ids_ignore_keys_that_do_not_change_the_experiment(tmp_path):
         "train.checkpoint_every_s=1",
         "train.sample_prompts=Hello",
         "train.sample_tokens=5",
+        "train.eval_every=2",  # validation cadence, sampling settings: nothing a cell learns
+        "train.temperature=0.5",
+        "train.top_k=3",
     ]
     moved = [c.cell_id for c in expand(load_grid(path, sets=irrelevant))[0]]
     assert moved == plain
@@ -216,6 +220,58 @@ def test_cell_ids_see_resolved_windows_not_their_spelling():
     cfg = load(TINY, ["train.seed=0"])
     spelled_out = load(TINY, ["train.seed=0", "data.max_length=32", "data.stride=1x"])
     assert cell_id(cfg, 0) == cell_id(spelled_out, 0)
+
+
+# Ids computed by the first implementation (commit 982ba4b) for grids that may already sit in users'
+# stores: a later version of the tool must find the same cells there.
+EARLIER_IDS = {
+    (("model.n_layers=1,2", "data.stride=0.5x,1x"), "0,1", ("train.epochs=3", "model.context_length=16")): [
+        "f7257113b7ed", "4b32d22cc52d", "8616ec6ffca7", "f9b3b4437193",
+        "253f94585663", "ab2cb2bf993d", "cb61258c929f", "aa5099b10bad",
+    ],
+    (("model.n_layers=1,2",), "3", ("train.precision=fp32", "train.top_k=25", "model.init=gpt2")): [
+        "26f1d35386c3", "c45d94b42e9f",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("vary, seeds, sets", list(EARLIER_IDS))
+def test_cell_ids_of_grids_run_by_earlier_versions_are_unchanged(vary, seeds, sets):
+    data = ["a.txt", "b.txt"] if seeds == "3" else ["x.txt"]
+    spec = load_grid(None, base=TINY, data=data, vary=list(vary), seeds=seeds, sets=list(sets))
+    assert [c.cell_id for c in expand(spec)[0]] == EARLIER_IDS[(vary, seeds, sets)]
+
+
+def test_cell_ids_of_the_reference_config_are_unchanged():
+    spec = load_grid(
+        None,
+        base=ROOT / "configs" / "gpt2-128.yaml",
+        data=["book.txt"],
+        vary=["model.n_heads=6,12", "train.lr=1e-4,4e-4"],
+        seeds="0",
+    )
+    assert [c.cell_id for c in expand(spec)[0]] == ["3a3032baa69d", "54a1e1192972", "c7aa2a2bd35d", "5c51587094a4"]
+
+
+@dataclasses.dataclass
+class TrainWithANewKey(TrainConfig):
+    """The config as a later version might extend it: a new key that defines the experiment."""
+
+    label_smoothing: float = setting(0.0)
+
+
+def test_adding_a_config_key_with_a_default_leaves_existing_cell_ids_unchanged(tmp_path):
+    path = tiny_grid(tmp_path, vary={"model.n_layers": [1, 2], "data.stride": ["0.5x", "1x"]}, seeds=[0, 1])
+    cells = expand(load_grid(path))[0]
+    extended = []
+    for cell in cells:
+        cfg = copy.deepcopy(cell.config)
+        cfg.train = TrainWithANewKey(**dataclasses.asdict(cfg.train))
+        assert "train.label_smoothing" in cfg.flat()
+        extended.append(cell_id(cfg, cell.seed))
+    assert extended == [c.cell_id for c in cells]
+    cfg.train.label_smoothing = 0.1  # a cell that sets the new key is a different experiment
+    assert cell_id(cfg, cells[-1].seed) != cells[-1].cell_id
 
 
 # ---------------------------------------------------------------- command-line options
@@ -460,11 +516,3 @@ def test_example_grids_load_and_expand(grid, n_cells):
     assert (len(cells), skipped) == (n_cells, [])
     assert len({c.cell_id for c in cells}) == n_cells
     assert all(c.config.window_stride == c.config.data.stride for c in cells)
-
-
-def test_corpus_key_separates_cells_that_need_their_own_token_streams(tmp_path):
-    spec = load_grid(tiny_grid(tmp_path, vary={"model.n_layers": [1, 2], "data.val_fraction": [0.1, 0.2]}, seeds=[0]))
-    cells, _ = expand(spec)
-    keys = {(c.levels["model.n_layers"], c.levels["data.val_fraction"]): corpus_key(c.config) for c in cells}
-    assert keys[("1", "0.1")] == keys[("2", "0.1")], "the architecture does not change the corpus"
-    assert keys[("1", "0.1")] != keys[("1", "0.2")], "the validation fraction moves the split"

@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from gpt.ablation.best_model import best_run, register_best
 from gpt.data import build_corpus
-from gpt.datasets import deliver_datasets, file_spans
+from gpt.datasets import file_spans
+from gpt.delivery import deliver_datasets
 from gpt.logged_model import using_store
 from gpt.run_summary import NOTE_TAG
 from gpt.tokenizer import get_encoding

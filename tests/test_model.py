@@ -11,7 +11,8 @@ from conftest import RANKS, VERDICT
 
 from gpt import text, tokenizer
 from gpt.config import ModelConfig
-from gpt.model import GPT, chunked_cross_entropy, count_parameters, padded_vocab
+from gpt.model import GPT, chunked_cross_entropy, padded_vocab
+from gpt.sizes import count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,7 @@
 """gpt.reporting: what each epoch end costs, and how the per-epoch work is throttled by time.
 
 The Reporter is driven directly, with a fake clock and a tracker that only records: an epoch of
-the seed config on a GPU takes ~50 ms, so these tests replay hundreds of such epochs in no time.
+the reference config on a GPU takes ~50 ms, so these tests replay hundreds of such epochs in no time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gpt.model import GPT
 from gpt.reporting import PLOT_EVERY_S, Checkpoints, Reporter, snapshot, timed
 from gpt.trainer import EpochMetrics, Trainer
 
-GPU_EPOCH_S = 1 / 16  # ~the seed's epoch on an H100; a power of two keeps the fake clock exact
+GPU_EPOCH_S = 1 / 16  # ~the reference config's epoch on an H100; a power of two keeps the fake clock exact
 GPU_SAMPLE_S = 1 / 8  # two prompts of 50 tokens at batch 1
 
 
@@ -80,8 +80,7 @@ def make_reporter(tmp_path: Path, clock: Clock, *overrides: str, sample_s: float
     """A Reporter over a recording tracker whose samples take sample_s on the clock."""
     cfg = load(None, list(overrides))
     tracker = Tracker()
-    checkpoints = Checkpoints(tmp_path, cfg, "run", every_s=1e9, extra={})
-    reporter = Reporter(cfg, tracker, checkpoints, encoding=None, echo=lambda line: None, title="t")
+    reporter = Reporter(cfg, tracker, encoding=None, echo=lambda line: None, title="t", seconds={})
 
     def samples(trainer: Any, epoch: int) -> str:
         clock.advance(sample_s)
@@ -212,26 +211,38 @@ def test_a_checkpoint_is_never_ahead_of_the_spooled_metrics(
     monkeypatch.setattr(reporting.checkpoint, "save", recorded_save)
     trainer = tiny_trainer()
     train_epochs(reporter, clock, 3, GPU_EPOCH_S, trainer)  # held back: less than a second
+    # wired as gpt.job wires them
+    checkpoints = Checkpoints(tmp_path, "run", 1e9, {}, before_write=reporter.flush_points, seconds=reporter.seconds)
 
-    reporter.checkpoints.write(trainer)
+    checkpoints.write(trainer)
 
     assert tracker.events == [("points", tracker.of("points")[0]), ("save", "last.pt")]
     assert tracker.points("train_loss") == [1, 2, 3]
 
 
+def improved_epoch(trainer: Trainer) -> EpochMetrics:
+    """An epoch end at which the trainer's best epoch is the current one."""
+    trainer.state.best_epoch = trainer.state.epoch
+    return EpochMetrics(trainer.state.epoch, 1.0, 1.0, 0, 1.0, 1.0, 1.0, [])
+
+
+def checkpoints_in(folder: Path, every_s: float) -> Checkpoints:
+    return Checkpoints(folder, "run", every_s, {}, before_write=lambda: None, seconds={})
+
+
 def test_best_snapshots_and_writes_are_booked_apart(tmp_path: Path, clock: Clock) -> None:
     trainer = tiny_trainer()
-    checkpoints = Checkpoints(tmp_path, Config(), "run", every_s=0.0, extra={})
-    checkpoints.on_epoch(trainer, improved=True)
+    checkpoints = checkpoints_in(tmp_path, every_s=0.0)
+    checkpoints.on_epoch_end(trainer, improved_epoch(trainer))
     assert set(checkpoints.seconds) == {"best snapshots", "checkpoint writes"}
     assert {path.name for path in tmp_path.glob("*.pt")} == {"last.pt", "best.pt"}
 
 
 def test_best_snapshot_keeps_the_epoch_while_training_goes_on(tmp_path: Path) -> None:
     trainer = tiny_trainer()
-    checkpoints = Checkpoints(tmp_path, Config(), "run", every_s=1e9, extra={})
+    checkpoints = checkpoints_in(tmp_path, every_s=1e9)
     trainer.run_epoch()
-    checkpoints.on_epoch(trainer, improved=True)
+    checkpoints.on_epoch_end(trainer, improved_epoch(trainer))
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     moments = {i: s["exp_avg"].clone() for i, s in trainer.optimizer.state_dict()["state"].items()}
 

@@ -13,16 +13,15 @@ from gpt.config import ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT, KVCache
 from gpt.sampling import (
-    MAX_PROMPT_CHARS,
     Sampling,
     encode_prompt,
     generate,
-    read_prompt,
     sample_next,
     sample_text,
     stream,
     text_pieces,
 )
+from gpt.text import MAX_PROMPT_CHARS, read_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import RANKS
 
-from gpt import tokenizer
+from gpt import env, tokenizer
 from gpt.errors import UserError
 
 
@@ -44,9 +44,9 @@ def test_round_trip_of_arbitrary_text(encoding):
 
 def test_ranks_file_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("GPT_TIKTOKEN_FILE", str(RANKS))
-    assert tokenizer.tokenizer_file_from_env() == str(RANKS)
+    assert env.tiktoken_file() == str(RANKS)
     monkeypatch.setenv("GPT_TIKTOKEN_FILE", "")
-    assert tokenizer.tokenizer_file_from_env() is None
+    assert env.tiktoken_file() is None
 
 
 def test_missing_ranks_file_names_the_path(tmp_path):

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from gpt.errors import UserError
-from gpt.run_summary import BEST_VAL_LOSS
+from gpt.metrics import BEST_VAL_LOSS
 
 CELL_TAG = "ablation.cell_id"
 
@@ -59,7 +59,8 @@ def best_run(parent_run_id: str, tracking_uri: str) -> BestRun:
 
 def register_best(parent_run_id: str, tracking_uri: str, name: str, tokenizer_file: str | None) -> tuple[BestRun, str]:
     """Register the grid's best model as a new version of `name`; returns the run and the version number."""
-    from gpt.logged_model import log_run_model, register, run_model_id
+    from gpt.delivery import register, run_model_id
+    from gpt.logged_model import log_run_model
     from gpt.store import open_client
     from gpt.tokenizer import get_encoding
 

@@ -13,31 +13,29 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.config import Config, get_key, set_key, validate
-from gpt.data import count_windows, window_stats
+from gpt.config import Config, defaults_of, get_key, identity_keys, set_key, validate
 from gpt.errors import UserError
-from gpt.model import count_parameters, flops_per_token
+from gpt.sizes import count_parameters, count_windows, flops_per_token, window_stats
 
-DESIGNS = ("grid", "one-at-a-time")
-# Keys that change how a run is executed or logged, not what it learns: they do not enter the cell id,
-# so re-running a grid on another device or with other logging settings finds the same cells.
-IGNORED_KEYS = (
-    "model.loss_chunk_rows",  # how the loss is computed, not what: like train.compile
-    "train.device",
-    "train.compile",
-    "train.log_every_steps",
-    "train.checkpoint_every_s",
-    "train.sample_every",
-    "train.sample_every_s",
-    "train.sample_prompts",
-    "train.sample_tokens",
-    "train.system_metrics",
-)
+# Cell ids hash what a cell learns (config fields with identity metadata, see gpt.config.setting).
+# _ID_V1 holds the keys the first ids hashed, so that grids already in users' stores keep their ids:
+# those keys always enter; the ones since found not to change what is learned enter at the fixed
+# value they had then; keys added later enter only when a cell sets them away from their default,
+# so adding a key to the config changes no id. Frozen: never edit it.
+_ID_V1 = {
+    "model": ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "dropout", "qkv_bias",
+              "tie_weights", "init"),
+    "data": ("files", "max_length", "stride", "val_fraction", "clean", "strip_gutenberg"),
+    "train": ("batch_size", "epochs", "lr", "weight_decay", "decay_groups", "lr_schedule", "warmup_steps",
+              "min_lr", "grad_clip", "seed", "drop_last", "precision", "eval_every", "temperature", "top_k"),
+}  # fmt: skip
+_ID_V1_FIXED = {"train.eval_every": 1, "train.temperature": 1.0, "train.top_k": 25}
+_ID_V1_SPELLING = {"model.init": {"pytorch": "seed"}}  # values renamed since
 # Keys spelled out in every cell name; other factors are appended as <last key part><label>.
 _NAME_KEYS = (
     "model.n_layers",
@@ -51,6 +49,8 @@ _NAME_KEYS = (
 
 @dataclass(frozen=True)
 class Factor:
+    """One varied config key and its levels."""
+
     key: str  # dotted config key, e.g. model.n_layers
     values: tuple[Any, ...]  # typed levels, as set on the config ("0.5x" stays a string)
     labels: tuple[str, ...]  # one display label per level, used in names, tags and plots
@@ -58,6 +58,8 @@ class Factor:
 
 @dataclass
 class GridSpec:
+    """A grid as its file and options define it: base config, factors, replicate seeds and design."""
+
     name: str
     base: Config  # base file + inline config + data + set; not validated: cells are
     factors: list[Factor]
@@ -69,6 +71,7 @@ class GridSpec:
 
     @property
     def factor_keys(self) -> list[str]:
+        """The varied keys, in the grid's order."""
         return [f.key for f in self.factors]
 
     def base_levels(self) -> dict[str, str]:
@@ -98,6 +101,8 @@ class GridSpec:
 
 @dataclass
 class Cell:
+    """One run of the grid: a resolved, validated config, its levels, its replicate seed and its id."""
+
     config: Config  # validated, data.stride resolved to tokens, train.seed = seed
     levels: dict[str, str]  # factor key -> level label, for every factor of the grid
     seed: int
@@ -105,7 +110,7 @@ class Cell:
     name: str
 
     def tags(self) -> dict[str, str]:
-        """The MLflow tags of this cell's child run (see notes/CONTRACT.md)."""
+        """The MLflow tags of this cell's child run; gpt.ablation.analysis reads them back."""
         tags = {
             "ablation.cell_id": self.cell_id,
             "ablation.factors": ",".join(self.levels),
@@ -117,6 +122,8 @@ class Cell:
 
 @dataclass
 class SkippedCell:
+    """A combination of levels that cannot run, and why."""
+
     name: str
     levels: dict[str, str]
     seed: int
@@ -185,7 +192,7 @@ def expand(
     skipped: list[SkippedCell] = []
     seen: dict[str, str] = {}
     for seed in spec.seeds:
-        for assignment in _assignments(spec):
+        for assignment in DESIGNS[spec.design](spec):
             levels = {key: label for key, (_, label) in assignment.items()}
             cfg = copy.deepcopy(spec.base)
             for key, (value, _) in assignment.items():
@@ -206,11 +213,17 @@ def expand(
     return cells, skipped
 
 
-def _assignments(spec: GridSpec) -> list[dict[str, tuple[Any, str]]]:
-    """Per cell: factor key -> (value, label), every factor present, in factor order."""
-    if spec.design == "grid":
-        choices = [list(zip(f.values, f.labels, strict=True)) for f in spec.factors]
-        return [dict(zip(spec.factor_keys, combo, strict=True)) for combo in itertools.product(*choices)]
+Assignment = dict[str, tuple[Any, str]]  # factor key -> (value, label), every factor present, in factor order
+
+
+def _full_grid(spec: GridSpec) -> list[Assignment]:
+    """Every combination of the factors' levels (the Cartesian product)."""
+    choices = [list(zip(f.values, f.labels, strict=True)) for f in spec.factors]
+    return [dict(zip(spec.factor_keys, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+def _one_at_a_time(spec: GridSpec) -> list[Assignment]:
+    """The base cell, then each factor's other levels with every other factor at its base level."""
     center = {f.key: _base_level(spec.base, f) for f in spec.factors}
     result = [dict(center)]
     for factor in spec.factors:
@@ -219,6 +232,10 @@ def _assignments(spec: GridSpec) -> list[dict[str, tuple[Any, str]]]:
             if _effective(_with(spec.base, factor.key, value), factor.key) != base_value:
                 result.append({**center, factor.key: (value, label)})
     return result
+
+
+# The designs a grid may use: name -> the cells' level assignments. The command line's choices come from here.
+DESIGNS: dict[str, Callable[[GridSpec], list[Assignment]]] = {"grid": _full_grid, "one-at-a-time": _one_at_a_time}
 
 
 def _problem(cfg: Config, train_tokens: int | None, val_tokens: int | None) -> str | None:
@@ -236,17 +253,23 @@ def _problem(cfg: Config, train_tokens: int | None, val_tokens: int | None) -> s
 
 
 def cell_id(cfg: Config, seed: int) -> str:
-    """12 hex digits of sha256 over the experiment: the config without IGNORED_KEYS, and the seed.
+    """12 hex digits of sha256 over the experiment: the cell's identity keys (see _ID_V1) and the seed.
 
     max_length and stride enter as resolved token counts, so spelling the same window differently
     (null, 32, '1x') gives the same id.
     """
-    payload = cfg.to_dict()
-    for dotted in IGNORED_KEYS:
-        section, key = dotted.split(".", 1)
-        payload[section].pop(key, None)
-    payload["data"]["max_length"] = cfg.window_length
-    payload["data"]["stride"] = cfg.window_stride
+    resolved = copy.deepcopy(cfg)
+    resolved.data.max_length, resolved.data.stride = cfg.window_length, cfg.window_stride
+    values, defaults = resolved.flat(), defaults_of(cfg).flat()
+    payload: dict[str, dict[str, Any]] = {section: {} for section in _ID_V1}
+    for key in identity_keys(cfg):
+        section, name = key.split(".", 1)
+        if name in _ID_V1[section] or values[key] != defaults[key]:
+            value = values[key]
+            payload[section][name] = _ID_V1_SPELLING.get(key, {}).get(value, value) if isinstance(value, str) else value
+    for key, value in _ID_V1_FIXED.items():
+        section, name = key.split(".", 1)
+        payload[section][name] = value
     text = json.dumps({"config": payload, "seed": seed}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -270,19 +293,13 @@ def cell_name(cfg: Config, levels: dict[str, str], seed: int) -> str:
 CORPUS_KEYS = ("data.files", "data.clean", "data.strip_gutenberg", "data.val_fraction")
 
 
-def corpus_key(cfg: Config) -> str:
-    """Equal for cells that share one corpus, so a plan or a runner can build each distinct corpus once."""
-    flat = cfg.flat()
-    return json.dumps([flat[key] for key in CORPUS_KEYS])
-
-
 # ---------------------------------------------------------------- planning
 
 
 def plan_rows(cells: Sequence[Cell], train_tokens: int, val_tokens: int) -> list[dict[str, Any]]:
     """Size and cost of each cell on a corpus of the given split sizes, counted as a training run counts them.
 
-    All cells must share one corpus (see corpus_key); group them first when a grid varies the data.
+    All cells must share one corpus: a grid that varies one of CORPUS_KEYS has none to plan against.
     """
     rows = []
     for cell in cells:

@@ -1,0 +1,69 @@
+"""Where a model runs and in which precision: every device rule of training and sampling, in one place.
+
+| rule                 | CUDA            | CPU, MPS          |
+| -------------------- | --------------- | ----------------- |
+| training autocast    | bf16            | none (fp32)       |
+| torch.compile        | on              | off               |
+| AdamW                | fused kernels   | PyTorch's default |
+| sampling weights     | bf16            | fp32              |
+
+train.precision and train.compile override the training defaults.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from gpt.errors import UserError
+
+if TYPE_CHECKING:
+    from gpt.config import TrainConfig
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+def resolve_device(requested: str, option: str = "train.device") -> torch.device:
+    """auto | cuda | mps | cpu -> a device that exists here.
+
+    Raises UserError (naming `option`, the setting the value came from) for an unknown name or a
+    device this machine does not have.
+    """
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if requested not in available:
+        raise UserError(f"{option} must be one of {', '.join(DEVICES)}; got {requested!r}")
+    if not available[requested]:
+        what = "CUDA GPU" if requested == "cuda" else "MPS device"
+        raise UserError(f"{option} is {requested} but no {what} is available; use --device auto or cpu")
+    return torch.device(requested)
+
+
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training steps: bf16 on CUDA by default; None (full fp32) on CPU and MPS."""
+    if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def use_compile(train: TrainConfig, device: torch.device) -> bool:
+    """Whether training steps go through torch.compile: train.compile, else on CUDA only."""
+    return train.compile if train.compile is not None else device.type == "cuda"
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Fused AdamW runs the whole update as a few kernels instead of several per parameter (CUDA only)."""
+    return device.type == "cuda"
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype when sampling: bf16 halves the bytes a GPU reads per token; CPU matmuls are
+    faster in fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's model name (e.g. 'NVIDIA H100 80GB HBM3'), else the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -1,0 +1,212 @@
+"""A training run in MLflow, from the moment it exists to a final state that says what happened.
+
+    with TrackedRun(client, run, trainer, stopper, cache_dir) as tracked:
+        tracked.watch(reporter, checkpoints, progress_bar)
+        trainer.fit()
+    tracked.result
+
+TrackedRun owns what every way out of training must settle: the run's lock (one process per run),
+its tracker (the spool and its sender), the final status and the exit code. However training ends, the
+run ends in a state that says what happened: FINISHED; KILLED on Ctrl-C or SIGTERM, after a checkpoint
+to resume from (exit 130 or 143); FAILED on a non-finite loss (exit 3, best.pt kept) or any crash (the
+exception goes on to the script, which prints it in one line). Exit 4 says tracking data were left in
+the run's local spool, with the command that sends them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from gpt import metrics
+from gpt.reporting import Checkpoints, ProgressBar, Reporter
+from gpt.resume import logged_progress
+from gpt.runs import local_run_dir
+from gpt.signals import StopOnSignal
+from gpt.store import absolute_uri, local_artifact_dir, run_lock, with_retries
+from gpt.tracking import Tracker
+from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+
+@dataclass
+class JobResult:
+    """How one training job ended (losses in nats)."""
+
+    run_id: str
+    experiment_id: str
+    status: str  # FINISHED | KILLED | FAILED
+    best_val_loss: float
+    best_epoch: int
+    final_val_loss: float | None
+    message: str = ""
+    exit_code: int = 0
+    local_dir: str = ""  # the run's spool and lock; `train.py --replay` it when tracking was left undelivered
+    report_seconds: dict[str, float] = field(default_factory=dict)  # time spent reporting, by activity
+
+
+def final_val_loss(trainer: Trainer) -> float | None:
+    """The last validation loss the trainer measured, or None."""
+    values = (row[metrics.VAL_LOSS] for row in reversed(trainer.state.history))
+    return next((value for value in values if value is not None), None)
+
+
+class TrackedRun:
+    """The context of one open MLflow run while a trainer trains in it (see the module docstring).
+
+    Interrupted and NonFiniteLoss end inside the block as KILLED and FAILED runs; any other exception
+    ends the run FAILED and propagates.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run: Run,
+        trainer: Trainer,
+        stopper: StopOnSignal,
+        cache_dir: Path,
+        echo: Callable[[str], None],
+    ):
+        """run: created for this job, or reopened to resume it (set RUNNING here); stopper: the signal
+        handler in force, whose exit code a stop by signal takes; echo: where messages are printed."""
+        self.client, self.run, self.trainer, self.stopper, self.echo = client, run, trainer, stopper, echo
+        self.run_id = run.info.run_id
+        self.uri = absolute_uri(client.tracking_uri)
+        self.local_dir = local_run_dir(self.uri, cache_dir, self.run_id)
+        self.artifacts = local_artifact_dir(run.info.artifact_uri)  # None when the artifacts are remote
+        self.seconds: dict[str, float] = {}  # wall time per reporting activity, shared by the observers
+        self.status, self.message, self.exit_code = "FINISHED", "", 0
+        self.reporter: Reporter | None = None
+        self.checkpoints: Checkpoints | None = None
+        self.progress: ProgressBar | None = None
+        self.result: JobResult | None = None
+        self.on_finish: list[Callable[[], None]] = []  # called once a run has finished and written its checkpoints
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        """Where last.pt and best.pt go: straight into a local artifact folder, else the local run folder
+        (uploaded once at the end)."""
+        return (self.artifacts or self.local_dir) / "checkpoints"
+
+    def __enter__(self) -> TrackedRun:
+        self._stack.enter_context(run_lock(self.local_dir, self.run_id))  # another process's run: UserError
+        try:
+            if self.run.info.status != "RUNNING":  # a run reopened to resume it
+                with_retries(lambda: self.client.update_run(self.run_id, status="RUNNING"))
+            meta = {"run_id": self.run_id, "tracking_uri": self.uri}
+            (self.local_dir / "run.json").write_text(json.dumps(meta))
+            self.tracker = Tracker(self.client, self.run_id, self.local_dir)
+        except BaseException:
+            with contextlib.suppress(Exception):  # no spool to end it through: end it directly, if the store lets us
+                self.client.set_terminated(self.run_id, "FAILED")
+            self._stack.close()
+            raise
+        return self
+
+    def logged(self) -> tuple[int, int]:
+        """The (epoch, step) the run has logged so far: what a resumed run must not log again."""
+        return logged_progress(self.client, self.run_id, self.tracker.spool)
+
+    def watch(self, reporter: Reporter, checkpoints: Checkpoints, progress: ProgressBar) -> None:
+        """Report and checkpoint the trainer's epochs, and show its steps; the observers run in this order."""
+        self.reporter, self.checkpoints, self.progress = reporter, checkpoints, progress
+        self.trainer.observers += [reporter, checkpoints]
+        self.trainer.on_step = progress
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> bool:
+        try:
+            try:
+                self._end_training(error)
+            except BaseException as failure:  # a crash, or a failure while ending (a full disk)
+                self._abort(failure)
+                raise
+            self._deliver()
+            return True
+        finally:
+            self._stack.close()
+
+    def _end_training(self, error: BaseException | None) -> None:
+        """Write the final checkpoints and settle status, message and exit code; re-raise anything unexpected."""
+        trainer, s = self.trainer, self.trainer.state
+        if error is None:
+            self.checkpoints.write(trainer)
+            for finished in self.on_finish:  # (the logged model: a second Ctrl-C while it is written ends it KILLED)
+                finished()
+        elif isinstance(error, Interrupted):
+            self.progress.close()  # the bar of the abandoned epoch
+            self.reporter.log_steps(error.step_points)
+            self.checkpoints.write(trainer)
+            self.status, self.exit_code = "KILLED", self.stopper.exit_code
+            self.message = (
+                f"interrupted in epoch {s.epoch + 1} after step {s.step}; checkpoint saved, "
+                f"continue with: python train.py --resume {self.run_id}"
+            )
+        elif isinstance(error, NonFiniteLoss):
+            self.reporter.log_steps(error.step_points)
+            self.checkpoints.write(trainer, include_last=False)  # the weights are garbage now; keep the best
+            kept = f"; best.pt (epoch {s.best_epoch}) is kept" if "best.pt" in self.checkpoints.written else ""
+            self.status, self.exit_code, self.message = "FAILED", 3, f"training stopped: {error}{kept}"
+        else:
+            raise error
+
+    def _abort(self, failure: BaseException) -> None:
+        """End the run after a crash: KILLED at once on a second Ctrl-C, else FAILED after saving what can be."""
+        self.stopper.immediate = True
+        if isinstance(failure, SystemExit) and self.stopper.signal_number:  # a second Ctrl-C: leave now
+            self.echo("stopped at once, without a checkpoint; the run ends KILLED")
+            self.tracker.close("KILLED", timeout=1.0, notify=self.echo)
+            return
+        # best effort, each on its own: the crash may have come from these very writes (a full disk)
+        if self.reporter is not None:
+            with contextlib.suppress(Exception):
+                self.reporter.flush_points()
+        if self.checkpoints is not None:
+            with contextlib.suppress(Exception):
+                self.checkpoints.write(self.trainer, include_last=False)  # the weights may be mid-step
+        self.tracker.close("FAILED", timeout=30.0, notify=self.echo)
+
+    def _deliver(self) -> None:
+        """Send the summary, remote checkpoints and end status; wait for delivery; build the result."""
+        self.stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
+        s = self.trainer.state
+        if s.best_epoch:
+            points = [(metrics.BEST_VAL_LOSS, s.best_val_loss), (metrics.BEST_EPOCH, float(s.best_epoch))]
+            self.tracker.log_points([(key, value, s.best_epoch, int(time.time() * 1000)) for key, value in points])
+        try:
+            if self.artifacts is None:  # a remote artifact store: upload the final checkpoints once
+                for name in sorted(self.checkpoints.written):
+                    self.tracker.log_file(self.checkpoint_folder / name, "checkpoints", snapshot=False)
+            delivered = self.tracker.close(self.status, notify=self.echo)
+        except SystemExit:
+            replay = f"python train.py --replay {self.local_dir}"
+            self.echo(f"stopped waiting for the tracking server; send the rest with: {replay}")
+            raise
+        if not delivered:
+            self.message += (
+                f"{'; ' if self.message else ''}the tracking server did not take everything in time: the rest is "
+                f"kept in {self.local_dir}; send it with: python train.py --replay {self.local_dir}"
+            )
+        self.result = JobResult(
+            self.run_id,
+            self.run.info.experiment_id,
+            self.status,
+            s.best_val_loss,
+            s.best_epoch,
+            final_val_loss(self.trainer),
+            self.message,
+            self.exit_code or (0 if delivered else 4),
+            str(self.local_dir),
+            dict(self.seconds),
+        )
