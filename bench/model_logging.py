@@ -1,6 +1,6 @@
 """What logging a run's model costs: the MLflow Model folder (safetensors, code, tokenizer) and its delivery.
 
-python bench/model_logging.py                       # tiny (the tests' config) and the seed model
+python bench/model_logging.py                       # tiny (the tests' config) and the reference model
 python bench/model_logging.py --configs tiny        # one of them
 
 For each config: seconds to write the folder from a model state dict (gpt.mlflow_model.save_model_folder:
@@ -33,7 +33,7 @@ from gpt.tokenizer import get_encoding  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "tiny": (ROOT / "configs" / "tiny.yaml", ["model.context_length=16", "model.emb_dim=16"]),
-    "seed": (ROOT / "configs" / "gpt2-128.yaml", []),
+    "reference": (ROOT / "configs" / "gpt2-128.yaml", []),
 }
 
 
@@ -65,7 +65,7 @@ def once(name: str, folder: Path) -> dict[str, float]:
 
 
 @click.command()
-@click.option("--configs", default="tiny,seed", show_default=True, help="Comma-separated: tiny, seed.")
+@click.option("--configs", default="tiny,reference", show_default=True, help="Comma-separated: tiny, reference.")
 @click.option("--repeat", default=3, show_default=True, help="Measurements per config (alternating).")
 def main(configs: str, repeat: int) -> None:
     names = [n for n in configs.split(",") if n]

@@ -9,7 +9,6 @@ and a mistake in the options answer at once; the scripts import torch and MLflow
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +68,6 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         env.quiet_mlflow_client()
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating tables
         try:
             env.check()
             return command(*args, **kwargs)

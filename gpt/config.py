@@ -94,7 +94,9 @@ class TrainConfig:
     compile: bool | None = setting(None, identity=False, resumable=True)  # None: on for CUDA, off elsewhere
     eval_every: int = setting(1, identity=False)  # validation every N epochs
     log_every_steps: int = setting(10, identity=False)  # train_loss_step logged every N optimizer steps
-    checkpoint_every_s: float = setting(600.0, identity=False, resumable=True)  # last.pt at most this often
+    # seconds between writes of last.pt; null: adapt to what a write costs (at most ~5% of the time, every
+    # epoch when that is cheaper still; see gpt.reporting.Checkpoints); 0: every epoch
+    checkpoint_every_s: float | None = setting(None, identity=False, resumable=True)
     sample_every: int = setting(1, identity=False, resumable=True)  # samples every N epochs; 0 disables
     # samples that take over 5% of an epoch (a GPU's 50 ms epochs) come at most this often; cheaper
     # ones (a CPU's) every sample_every epochs; always the first two and the final. 0: no time limit
@@ -394,7 +396,7 @@ def _check_ranges(cfg: Config) -> None:
         raise UserError(f"train.lr must be positive, got {t.lr}")
     keys = "weight_decay min_lr grad_clip checkpoint_every_s temperature warmup_steps sample_every sample_every_s"
     for key in keys.split():
-        if getattr(t, key) < 0:
+        if getattr(t, key) is not None and getattr(t, key) < 0:
             raise UserError(f"train.{key} must not be negative, got {getattr(t, key)}")
 
 

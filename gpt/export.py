@@ -133,7 +133,7 @@ def from_gpt2(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 def write_gpt2_folder(state: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> Path:
     """Write config.json and model.safetensors that GPT2LMHeadModel.from_pretrained(folder) loads.
 
-    Returns the folder. fp32 weights: about 4 bytes per parameter (the seed model: ~650 MB).
+    Returns the folder. fp32 weights: about 4 bytes per parameter (the reference model: ~650 MB).
     """
     from safetensors.torch import save_file
 

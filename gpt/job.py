@@ -248,6 +248,8 @@ def train(
                 checkpoint_extra(prepared, tracked.uri),
                 before_write=reporter.flush_points,
                 seconds=tracked.seconds,
+                log_points=tracked.tracker.log_points,
+                echo=options.echo,
             )
             progress = ProgressBar(cfg.train.batch_size * cfg.window_length, options.progress and sys.stderr.isatty())
             tracked.watch(reporter, checkpoints, progress)

@@ -26,5 +26,9 @@ TRAIN_LOSS_STEP = "train_loss_step"
 BEST_VAL_LOSS = "best_val_loss"
 BEST_EPOCH = "best_epoch"
 
+# at each write of last.pt (step = the epoch it holds)
+CHECKPOINT_SECONDS = "checkpoint_seconds"  # how long writing last.pt (and a held best.pt) took (s)
+CHECKPOINT_INTERVAL_S = "checkpoint_interval_s"  # the time between writes the policy asks for now (s)
+
 # the metrics whose last logged step says how far a run has logged (epochs, then steps)
 PROGRESS = (TRAIN_LOSS, TRAIN_LOSS_STEP)

@@ -7,7 +7,7 @@ The folder, written by mlflow.pyfunc.save_model:
   artifacts/hf/           config.json + model.safetensors: GPT2LMHeadModel.from_pretrained loads it (gpt.export)
   artifacts/config.yaml   the training config; model.* rebuilds the GPT
   artifacts/gpt2.tiktoken GPT-2's BPE ranks (1.6 MB), so encoding needs no download
-Weights are fp32 safetensors, ~4 bytes a parameter (the seed model: ~650 MB); nothing is pickled.
+Weights are fp32 safetensors, ~4 bytes a parameter (the reference model: ~650 MB); nothing is pickled.
 """
 
 from __future__ import annotations

@@ -64,29 +64,43 @@ def snapshot(value: Any, memo: dict[tuple, torch.Tensor] | None = None) -> Any:
 
 
 class Checkpoints:
-    """The trainer's observer that writes last.pt and best.pt: at most every checkpoint_every_s, and always
-    when asked at the end.
+    """The trainer's observer that writes last.pt and best.pt at epoch ends, as often as that is cheap, and
+    always when asked at the end.
 
-    A 124M model's checkpoint with AdamW state is ~2 GB, so writing both every epoch of a short
-    epoch would dominate the run. An improved best model is kept as an in-memory snapshot and
-    written at the next checkpoint time instead.
+    With train.checkpoint_every_s null (the default) the interval adapts to the measured cost of a
+    write: last.pt is written once the time since the last write is at least COST_FACTOR times what
+    that write took, so writing costs at most ~1/COST_FACTOR (5%) of the run, and at every epoch's end
+    when epochs are longer than that. Before the first write its cost is estimated from the bytes to
+    write at ASSUMED_WRITE_RATE. The tiny config (a ~20 MB checkpoint, ~0.1 s) is written every epoch;
+    the reference model (~2 GB with AdamW state, ~8 s) every few minutes on a GPU. A number fixes the
+    interval (0: every epoch). An improved best model is kept as an in-memory snapshot and written with
+    the next last.pt, so a kill loses at most what last.pt loses.
     """
+
+    COST_FACTOR = 20.0
+    ASSUMED_WRITE_RATE = 200e6  # bytes/s: a slow disk, so the first write comes rather late than too early
 
     def __init__(
         self,
         folder: Path,
         run_id: str,
-        every_s: float,
+        every_s: float | None,
         extra: dict[str, Any],
+        *,
         before_write: Callable[[], None],
         seconds: dict[str, float],
+        log_points: Callable[[list[tuple[str, float, int, int]]], None] = lambda points: None,
+        echo: Callable[[str], None] = lambda line: None,
     ):
         """extra: what the job adds to every checkpoint (data, tracking_uri); before_write: called before
         each write (a resume trains on from the checkpoint, so what was logged up to it must be spooled by
-        then); seconds: the ledger the write time is added to ("checkpoint writes", "best snapshots")."""
+        then); seconds: the ledger the write time is added to ("checkpoint writes", "best snapshots");
+        log_points: where the write time and interval go as metrics; echo: where the policy is announced."""
         self.folder, self.run_id, self.every_s, self.extra = folder, run_id, every_s, extra
-        self.before_write, self.seconds = before_write, seconds
+        self.before_write, self.seconds, self.log_points, self.echo = before_write, seconds, log_points, echo
         self.last_write = time.monotonic()
+        self.write_cost: float | None = None  # seconds the last write of last.pt took
+        self.saved_step: int | None = None  # the optimizer step last.pt holds, once written here
         self.best_payload: dict[str, Any] | None = None
         self.written = {path.name for path in folder.glob("*.pt")}  # a resumed run's earlier files count
 
@@ -94,17 +108,35 @@ class Checkpoints:
         """The trainer's checkpoint now (live tensors)."""
         return checkpoint.payload(trainer, self.run_id, self.extra)
 
+    def interval(self, trainer: Trainer) -> float:
+        """Seconds between writes of last.pt the policy asks for now (see the class docstring)."""
+        if self.every_s is not None:
+            return self.every_s
+        if self.write_cost is None:
+            tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
+            size = 3 * sum(t.numel() * t.element_size() for t in tensors)  # weights and AdamW's two moments
+            return self.COST_FACTOR * size / self.ASSUMED_WRITE_RATE
+        return self.COST_FACTOR * self.write_cost
+
     def on_epoch_end(self, trainer: Trainer, measured: EpochMetrics) -> None:
-        """Snapshot an improved model; write both files once checkpoint_every_s has passed."""
+        """Snapshot an improved model; write both files once the interval has passed."""
         if trainer.state.best_epoch == measured.epoch:
             with timed(self.seconds, "best snapshots"):
                 self.best_payload = snapshot(self.payload(trainer))  # training goes on changing the tensors
-        if time.monotonic() - self.last_write >= self.every_s:
+        if time.monotonic() - self.last_write >= self.interval(trainer):
+            first = self.write_cost is None
             self.write(trainer)
+            if first:
+                self.announce(measured.epoch_seconds, trainer)
 
     def write(self, trainer: Trainer, include_last: bool = True) -> None:
-        """Write last.pt (unless include_last is False: weights that went bad) and the held best model."""
+        """Write last.pt (unless include_last is False: weights that went bad, or last.pt already holds this
+        step) and the held best model."""
+        include_last = include_last and self.saved_step != trainer.state.step
+        if not include_last and self.best_payload is None:
+            return
         self.before_write()
+        started = time.perf_counter()
         with timed(self.seconds, "checkpoint writes"):
             if include_last:
                 checkpoint.save(self.folder / "last.pt", self.payload(trainer))
@@ -113,7 +145,25 @@ class Checkpoints:
                 checkpoint.save(self.folder / "best.pt", self.best_payload)
                 self.best_payload = None
                 self.written.add("best.pt")
+        if include_last:
+            self.write_cost, self.saved_step = time.perf_counter() - started, trainer.state.step
+            now, epoch = int(time.time() * 1000), trainer.state.epoch
+            self.log_points(
+                [
+                    (metrics.CHECKPOINT_SECONDS, self.write_cost, epoch, now),
+                    (metrics.CHECKPOINT_INTERVAL_S, self.interval(trainer), epoch, now),
+                ]
+            )
         self.last_write = time.monotonic()
+
+    def announce(self, epoch_seconds: float, trainer: Trainer) -> None:
+        """Say once, after the first write, how often last.pt is written and so how much a kill can lose."""
+        interval = self.interval(trainer)
+        if interval <= epoch_seconds:
+            lose = f"every epoch: a kill loses at most one epoch (~{epoch_seconds:,.0f} s)"
+        else:
+            lose = f"about every {interval:,.0f} s: a kill loses at most that much training"
+        self.echo(f"checkpoint: last.pt written in {self.write_cost:.2f} s; written {lose}")
 
 
 class ProgressBar:

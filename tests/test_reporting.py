@@ -226,7 +226,7 @@ def improved_epoch(trainer: Trainer) -> EpochMetrics:
     return EpochMetrics(trainer.state.epoch, 1.0, 1.0, 0, 1.0, 1.0, 1.0, [])
 
 
-def checkpoints_in(folder: Path, every_s: float) -> Checkpoints:
+def checkpoints_in(folder: Path, every_s: float | None) -> Checkpoints:
     return Checkpoints(folder, "run", every_s, {}, before_write=lambda: None, seconds={})
 
 

@@ -266,3 +266,41 @@ def test_a_crash_ends_the_run_failed_and_writes_the_best_model_it_held(tmp_path:
     assert status(uri, run_id) == "FAILED"
     assert checkpoint.load(find_checkpoint(run_id, "best", uri))["state"]["epoch"] == 1
     assert [step for step, _ in curves(uri, run_id)["val_loss"]] == [1], "the held epoch-1 metrics were sent"
+
+
+def default_checkpoints(args: list[str]) -> list[str]:
+    """The arguments without their checkpoint_every_s override: the adaptive default policy."""
+    drop = {i for i, a in enumerate(args) if a.startswith("train.checkpoint_every_s=")}
+    return [a for i, a in enumerate(args) if i not in drop and i + 1 not in drop]
+
+
+def test_a_run_killed_after_epoch_2_of_6_with_default_checkpoints_resumes_to_the_same_curves(tmp_path: Path) -> None:
+    """Issue 17: the default policy writes last.pt as often as it costs at most ~5% of the time (these
+    ~4 s epochs: every epoch or two), so a kill loses little; epochs trained again after the resume
+    are not logged twice."""
+    # 16 steps an epoch (~4 s here): longer than the first write's estimated 20x cost, so epoch 1 is saved
+    args = [*default_checkpoints(FAST), "--set", "data.stride=32", "--epochs", "6"]
+    reference_uri = f"sqlite:///{tmp_path}/reference/mlflow.db"
+    code, output = run_train([*args, "--tracking-uri", reference_uri])
+    assert code == 0, output
+    assert "checkpoint: last.pt written in" in output, f"the policy should say what a kill loses:\n{output}"
+    expected = curves(reference_uri, last_run_id(output))
+
+    uri = f"sqlite:///{tmp_path}/killed/mlflow.db"
+    training = Training([*args, "--tracking-uri", uri], cwd=tmp_path)
+    training.wait_for("epoch 2/6")
+    training.process.send_signal(signal.SIGKILL)
+    training.finish()
+    run_id = only_run(uri)
+    saved = checkpoint.load(find_checkpoint(run_id, "last", uri))["state"]["epoch"]
+    assert saved in (1, 2), f"a checkpoint of epoch 1 or 2 should exist after the kill, found epoch {saved}"
+
+    code, output = run_train(["--resume", run_id, "--tracking-uri", uri])
+
+    assert code == 0, output
+    assert f"epoch {saved + 1} of 6" in output
+    assert curves(uri, run_id) == expected, "each epoch once, with the uninterrupted run's values"
+    client = MlflowClient(uri)
+    writes = client.get_metric_history(run_id, "checkpoint_seconds")
+    assert writes and all(0 < m.value < 60 for m in writes), "the write time is logged with each checkpoint"
+    assert client.get_metric_history(run_id, "checkpoint_interval_s"), "and the interval in force"
