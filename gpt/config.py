@@ -20,13 +20,8 @@ import yaml
 from gpt.errors import UserError
 
 
-def setting(
-    default: Any = dataclasses.MISSING,
-    *,
-    factory: Any = dataclasses.MISSING,
-    identity: bool = True,
-    resumable: bool = False,
-) -> Any:
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, identity: bool = True,
+            resumable: bool = False) -> Any:
     """A config field and what it is.
 
     identity: the key defines the experiment (what is learned), so it enters an ablation cell's id

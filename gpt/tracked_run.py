@@ -210,3 +210,4 @@ class TrackedRun:
             str(self.local_dir),
             dict(self.seconds),
         )
+
