@@ -42,13 +42,16 @@ GRID = [
     "--register-model", "ui-grid-best",
 ]  # fmt: skip
 # The chart card titled `name` (the nearest ancestor of the title that holds a plot) and its drawn lines.
+# The UI draws only the charts in view: a card without lines is scrolled into view for the next look.
 CHART_LINES = """(name => {
   const title = [...document.querySelectorAll('h1,h2,h3,h4,h5,span,div')]
     .find(e => e.childElementCount === 0 && e.textContent.trim() === name);
   let card = title;
   while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;
-  return card ? [...card.querySelectorAll('.js-plotly-plot path.js-line')]
+  const lines = card ? [...card.querySelectorAll('.js-plotly-plot path.js-line')]
     .filter(p => (p.getAttribute('d') || '').includes('L')).length : 0;
+  if (title && !lines) title.scrollIntoView({block: 'center'});
+  return lines;
 })"""
 
 
