@@ -21,6 +21,7 @@ from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, expand, format_plan, plan_ro
 from gpt.ablation.grid_file import load_grid
 from gpt.cli import CONTEXT, cache_dir_option, friendly_errors, tokenizer_file_option, tracking_uri_option
 from gpt.errors import UserError
+from gpt.logged_model import check_registered_name
 
 
 def grid_options(command):
@@ -90,10 +91,13 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
 @click.option("--shard", default="0/1", show_default=True, help="Run share i of n of the cells (for many machines).")
 @click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Where the report files go.")
+@click.option("--no-log-model", is_flag=True, help="Cells log no MLflow Model (checkpoints only).")
+@click.option("--register-model", metavar="NAME", help="Register the best cell's best-seed model as a version of NAME.")
 @friendly_errors
 def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
-        workers, gpus, per_gpu, shard, target_loss, out_dir) -> None:  # fmt: skip
+        workers, gpus, per_gpu, shard, target_loss, out_dir, no_log_model, register_model) -> None:  # fmt: skip
     """Train every cell of a grid (skipping finished ones), then compare them."""
+    check_registered_name(register_model)
     from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
     from gpt.ablation.workers import parse_shard
     from gpt.store import resolve_tracking_uri
@@ -118,11 +122,14 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         per_gpu=per_gpu,
         shard=parse_shard(shard),
         echo=click.echo,
+        log_model=not no_log_model,
     )
     outcome = run_grid(spec, cells, skipped, options)
     if outcome.complete:
         try:
             report(outcome.parent_run_id, uri, target_loss, out_dir)
+            if register_model:
+                register_best_model(outcome.parent_run_id, uri, register_model, tokenizer_file)
         finally:
             click.echo(f"parent run {close_parent(uri, outcome)}")
     else:  # other shards (or processes) still have cells: the last one to finish reports and ends the parent
@@ -242,6 +249,17 @@ def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str
     click.echo(f"report: {folder / 'report.md'} (also on the parent run in MLflow)")
     experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
     click.echo(f"browse: {ui_link(uri, experiment_id, parent_run_id)}")
+
+
+def register_best_model(parent_run_id: str, uri: str, name: str, tokenizer_file: str | None) -> None:
+    """--register-model: the grid's best model as the next version of NAME (gpt.ablation.best_model)."""
+    from gpt.ablation.best_model import register_best
+
+    best, version = register_best(parent_run_id, uri, name, tokenizer_file)
+    click.echo(
+        f"registered models:/{name}/{version}: cell {best.run_name} (mean best val loss {best.cell_mean:.4f} over "
+        f"{best.seeds} seeds), run {best.run_id} ({best.best_val_loss:.4f})"
+    )
 
 
 def parse_gpus(text: str | None) -> list[int]:

@@ -39,6 +39,12 @@ if TYPE_CHECKING:
     show_default=True,
     help="best, last, an artifact path in the run, or a local .pt file (then --run may be left out).",
 )
+@click.option(
+    "--model",
+    "model_uri",
+    metavar="URI",
+    help="A logged MLflow Model instead of a run's checkpoint: models:/NAME/1, models:/NAME@alias, runs:/<id>/model.",
+)
 @click.option("--prompt", help="Text to continue.")
 @click.option("--prompt-file", help="Read the prompt from a UTF-8 file instead.")
 @click.option("--max-tokens", type=int, default=100, show_default=True, help="New tokens per sample, at most.")
@@ -59,6 +65,7 @@ if TYPE_CHECKING:
 def main(
     run_id,
     checkpoint,
+    model_uri,
     prompt,
     prompt_file,
     max_tokens,
@@ -82,10 +89,11 @@ def main(
     python generate.py --run <run_id> --prompt "Dobby is"
     python generate.py --run <run_id> --checkpoint last --prompt-file chapter.txt --stream
     python generate.py --checkpoint path/to/best.pt --prompt "Alice was" --temperature 0
+    python generate.py --model models:/my-gpt/1 --prompt "Alice was"
     """
     # every check that needs no model runs first, so a typo costs no loading time
     settings = Sampling(temperature, top_k, top_p)
-    _check_options(run_id, checkpoint, max_tokens, num_samples, stream, log_to_run)
+    _check_options(run_id, checkpoint, max_tokens, num_samples, stream, log_to_run, model_uri)
     text = read_prompt(prompt, prompt_file)
 
     import torch  # the heavy imports come once the options are known to be sound
@@ -95,10 +103,16 @@ def main(
 
     torch_device = resolve_device(device or "auto", option="--device")
     cache = Path(cache_dir).expanduser() if cache_dir else env.cache_dir()
-    path = runs.find_checkpoint(run_id, checkpoint, tracking_uri, cache) if run_id else Path(checkpoint)
-    model, cfg, encoding, info = sampling.load_model(path, torch_device, tokenizer_file)
-    if run_id and info["run_id"] not in (None, run_id):
-        raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
+    if model_uri:
+        from gpt.logged_model import load_model_uri
+
+        model, cfg, encoding, info = load_model_uri(model_uri, torch_device, tracking_uri)
+        path, run_id = model_uri, info["run_id"]  # --log writes to the run that logged the model
+    else:
+        path = runs.find_checkpoint(run_id, checkpoint, tracking_uri, cache) if run_id else Path(checkpoint)
+        model, cfg, encoding, info = sampling.load_model(path, torch_device, tokenizer_file)
+        if run_id and info["run_id"] not in (None, run_id):
+            raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
     ids = sampling.encode_prompt(encoding, text)
     seed = secrets.randbelow(2**31) if seed is None else seed
     generator = torch.Generator(device=torch_device).manual_seed(seed)
@@ -133,15 +147,27 @@ def main(
 
 
 def _check_options(
-    run_id: str | None, checkpoint: str, max_tokens: int, num_samples: int, stream: bool, log_to_run: bool
+    run_id: str | None,
+    checkpoint: str,
+    max_tokens: int,
+    num_samples: int,
+    stream: bool,
+    log_to_run: bool,
+    model_uri: str | None = None,
 ) -> None:
     """The option combinations that make no sense, each a UserError that says what to give instead."""
     if max_tokens < 1 or num_samples < 1:
         raise UserError(f"--max-tokens and --num-samples must be at least 1, got {max_tokens} and {num_samples}")
     if stream and num_samples > 1:
         raise UserError(f"--stream prints one sample as it is generated; use --num-samples 1 (got {num_samples})")
+    if model_uri:
+        if run_id or checkpoint != "best":
+            raise UserError("--model samples from a logged MLflow Model: drop --run and --checkpoint")
+        return
     if run_id is None and checkpoint in ("best", "last"):
-        raise UserError(f"give --run RUN_ID: --checkpoint {checkpoint} means that run's checkpoints/{checkpoint}.pt")
+        raise UserError(
+            f"give --run RUN_ID (--checkpoint {checkpoint} means that run's checkpoints/{checkpoint}.pt) or --model URI"
+        )
     if run_id is None and not Path(checkpoint).is_file():
         raise UserError(f"give --run RUN_ID, or --checkpoint naming a local .pt file (there is no file {checkpoint!r})")
     if run_id is None and log_to_run:

@@ -5,6 +5,8 @@ python train.py --config configs/gpt2-128.yaml --data 'books/*.txt' --set model.
 python train.py --resume <run_id>                  # continue a killed run from its last checkpoint
 python train.py --resume <run_id> --epochs 20      # or train a finished one longer
 python train.py --replay mlruns/local/<run_id>     # send what a run could not deliver to its server
+python train.py ... --register-model my-gpt        # also register the run's model (models:/my-gpt/<version>)
+python train.py --log-model <run_id>               # log a run's best checkpoint as its MLflow Model now
 torchrun --nproc_per_node=4 train.py --config ...  # data-parallel over 4 GPUs; train.batch_size is the global batch
 
 Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 non-finite loss, 4 tracking left undelivered
@@ -32,6 +34,7 @@ from gpt.cli import (
     tracking_uri_option,
 )
 from gpt.errors import UserError
+from gpt.logged_model import check_registered_name
 
 if TYPE_CHECKING:
     from gpt.job import JobOptions
@@ -66,13 +69,27 @@ if TYPE_CHECKING:
     type=click.Path(file_okay=False),
     help="Send the tracking data a run left undelivered (its folder, as the run's message named it).",
 )
+@click.option("--no-log-model", is_flag=True, help="Do not log the best model as an MLflow Model at the end.")
+@click.option("--register-model", metavar="NAME", help="Register the run's logged model as a new version of NAME.")
+@click.option(
+    "--log-model",
+    "log_model_run",
+    metavar="RUN_ID",
+    help="Log an existing run's best checkpoint as its MLflow Model (and --register-model it); trains nothing.",
+)
 @friendly_errors
 def main(config_path, data, overrides, epochs, seed, device, experiment, run_name, tracking_uri, tokenizer_file,
-         cache_dir, dry_run, resume, replay_dir) -> None:  # fmt: skip
+         cache_dir, dry_run, resume, replay_dir, no_log_model, register_model, log_model_run) -> None:  # fmt: skip
     """Train a GPT language model on text files, with every run tracked in MLflow.
 
     Under torchrun every process trains its share of each batch; rank 0 tracks and checkpoints.
     """
+    check_model_options(no_log_model, register_model, log_model_run)
+    if log_model_run:
+        conflicts = {"--config": config_path, "--data": data, "--resume": resume, "--replay": replay_dir}
+        _refuse("--log-model logs a trained run's model and trains nothing", conflicts)
+        _log_model(log_model_run, tracking_uri, tokenizer_file, register_model)
+        return
     if replay_dir:
         conflicts = {"--resume": resume, "--config": config_path, "--data": data, "--set": overrides}
         _refuse("--replay sends a run's spool and trains nothing", conflicts)
@@ -101,6 +118,8 @@ def main(config_path, data, overrides, epochs, seed, device, experiment, run_nam
         progress=ranks.is_main,
         echo=click.echo if ranks.is_main else _silent,
         ranks=ranks,
+        log_model=not no_log_model,
+        register_model=register_model,
     )
     if resume:
         _train(options, dry_run, resume=resume, overrides=[*overrides, *shortcuts])
@@ -113,6 +132,25 @@ def _refuse(what: str, conflicts: dict[str, object]) -> None:
     given = [name for name, value in conflicts.items() if value]
     if given:
         raise UserError(f"{what}; drop {', '.join(given)}")
+
+
+def check_model_options(no_log_model: bool, register_model: str | None, log_model_run: str | None) -> None:
+    """--register-model NAME must be a valid name, and --no-log-model goes with neither model option."""
+    check_registered_name(register_model)
+    if no_log_model and (register_model or log_model_run):
+        raise UserError("--no-log-model logs no model, so there is nothing to register or log: drop one of them")
+
+
+def _log_model(run_id: str, tracking_uri: str | None, tokenizer_file: str | None, name: str | None) -> None:
+    """--log-model: log a trained run's best checkpoint as its MLflow Model (and register it)."""
+    from gpt.logged_model import log_run_model
+    from gpt.store import resolve_tracking_uri
+    from gpt.tokenizer import get_encoding
+
+    encoding = get_encoding(tokenizer_file or env.tiktoken_file())
+    done = log_run_model(run_id, resolve_tracking_uri(tracking_uri), encoding, name)
+    registered = f"; registered as models:/{name}/{done['version']}" if name else ""
+    click.echo(f"logged the model of run {run_id}: models:/{done['model_id']}{registered}")
 
 
 def _replay(folder: Path, tracking_uri: str | None) -> None:

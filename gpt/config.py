@@ -100,6 +100,8 @@ class TrainConfig:
     sample_tokens: int = setting(50, identity=False)
     temperature: float = setting(1.0, identity=False)  # of the per-epoch samples
     top_k: int = setting(25, identity=False)  # of the per-epoch samples
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) every 10 s, spooled (gpt.system_metrics)
+    system_metrics: bool = setting(True, identity=False, resumable=True)
 
 
 @dataclass

@@ -109,7 +109,10 @@ def build_corpus(cfg: Config, encoding: tiktoken.Encoding, cache_dir: Path, chec
         if i:
             pieces.append(np.asarray([encoding.eot_token], dtype=ids.dtype))
         pieces.append(ids)
-        files.append({"name": doc.name, "path": str(doc.path), "sha256": sha256_file(doc.path), "tokens": len(ids)})
+        files.append(
+            {"name": doc.name, "path": str(doc.path), "sha256": sha256_file(doc.path), "tokens": len(ids),
+             "characters": len(doc.text)}  # after cleaning
+        )  # fmt: skip
     stream = torch.from_numpy(np.concatenate(pieces).astype(np.int64))
     if stream.max().item() >= cfg.model.vocab_size:
         raise UserError(

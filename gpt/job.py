@@ -31,6 +31,7 @@ from gpt.data import Corpus, build_corpus, data_stats
 from gpt.device import autocast_dtype, device_name, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
+from gpt.mlflow_native import make_native
 from gpt.model import GPT
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
 from gpt.resume import check_same_data
@@ -48,6 +49,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
 @dataclass
 class JobOptions:
     """How and where a job runs and reports, beside its Config."""
+
     experiment: str = "gpt"
     run_name: str | None = None
     tracking_uri: str | None = None
@@ -58,11 +60,14 @@ class JobOptions:
     progress: bool = True
     echo: Callable[[str], None] = print
     ranks: Ranks = field(default_factory=Ranks)  # this process among those of a torchrun launch
+    log_model: bool = True  # log the best model as an MLflow Model when the run finishes
+    register_model: str | None = None  # and register it under this name
 
 
 @dataclass
 class Prepared:
     """Everything prepare() checked and built before a run exists: config, tokens, sizes, device."""
+
     cfg: Config
     corpus: Corpus
     stats: DataStats
@@ -248,6 +253,7 @@ def train(
             )
             progress = ProgressBar(cfg.train.batch_size * cfg.window_length, options.progress and sys.stderr.isatty())
             tracked.watch(reporter, checkpoints, progress)
+            make_native(tracked, prepared, options, encoding, new_run=resume_run_id is None)
             if resume_run_id is None:
                 tracked.tracker.log_params(run_params(prepared))
                 tracked.tracker.log_text(dump_yaml(cfg), "config.yaml")

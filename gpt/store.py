@@ -79,15 +79,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail within seconds, before any training, when the store cannot be used."""
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                response.read()
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UserError(
-                f"tracking server {uri} is not reachable ({reason}); start it or choose another --tracking-uri"
-            ) from None
+        _check_server(uri, timeout)
     elif scheme == "sqlite":
         path = sqlite_path(uri)
         if path is not None:
@@ -100,6 +92,35 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
     elif scheme not in ("postgresql", "mysql", "mssql", "databricks") and "+" not in scheme:
         raise UserError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; use sqlite:///... or http://...")
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    """/health (no sign-in needed), then one signed-in read, so that wrong credentials fail here, not mid-run.
+
+    The read goes through MLflow's own request helper with MLflow's own credentials (MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials, as `mlflow server --app-name basic-auth`
+    wants; MLFLOW_TRACKING_TOKEN; TLS settings), exactly what the client will send.
+    """
+    from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
+    from mlflow.utils.rest_utils import http_request
+
+    unreachable = f"tracking server {uri} is not reachable ({{}}); start it or choose another --tracking-uri"
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+        answer = http_request(
+            get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+            max_retries=0, timeout=timeout, raise_on_status=False, params={"max_results": 1},
+        )  # fmt: skip
+    except (urllib.error.URLError, TimeoutError, OSError, requests.RequestException) as exc:
+        raise UserError(unreachable.format(getattr(exc, "reason", exc))) from None
+    if answer.status_code in (401, 403):  # other answers are left to the MLflow client
+        user = read_mlflow_creds().username
+        who = f"user {user!r} and its password" if user else "no credentials"
+        raise UserError(
+            f"tracking server {uri} refused {who} (HTTP {answer.status_code}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to an account of that server"
+        )
 
 
 def _check_sqlite_file(uri: str, path: Path) -> None:

@@ -89,6 +89,7 @@ class TrackedRun:
         self.checkpoints: Checkpoints | None = None
         self.progress: ProgressBar | None = None
         self.result: JobResult | None = None
+        self.on_finish: list[Callable[[], None]] = []  # called once a run has finished and written its checkpoints
         self._stack = contextlib.ExitStack()
 
     @property
@@ -141,6 +142,8 @@ class TrackedRun:
         trainer, s = self.trainer, self.trainer.state
         if error is None:
             self.checkpoints.write(trainer)
+            for finished in self.on_finish:  # (the logged model: a second Ctrl-C while it is written ends it KILLED)
+                finished()
         elif isinstance(error, Interrupted):
             self.progress.close()  # the bar of the abandoned epoch
             self.reporter.log_steps(error.step_points)

@@ -28,6 +28,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from gpt import env
+from gpt.delivery import deliver_datasets, deliver_model
 from gpt.errors import UserError
 from gpt.plots import loss_curve
 from gpt.store import (
@@ -143,6 +144,10 @@ def deliver(client: MlflowClient, run_id: str, item: dict[str, Any], local_dir: 
             with tempfile.TemporaryDirectory() as folder:
                 path = loss_curve(history, Path(folder) / item["file"], title=item.get("title", ""))
                 client.log_artifact(run_id, str(path), item["artifact_path"])
+    elif kind == "datasets":
+        deliver_datasets(client, run_id, item["inputs"])
+    elif kind == "model":  # an MLflow Model folder: logged (and registered) step by step, resumably
+        deliver_model(client, run_id, item, local_dir)
     elif kind == "end":
         client.set_terminated(run_id, item["status"])
     else:
@@ -172,6 +177,7 @@ class Tracker:
         self._closing = threading.Event()
         self._abandoned = threading.Event()
         self._closed = False
+        self.before_close: list[Callable[[], None]] = []  # producers to stop before the run ends (system metrics)
         self.last_error: str | None = None
         for item in self.spool.pending():  # left by an earlier process of this run
             if item["kind"] != "end":  # that process ended the run; this one is continuing it
@@ -185,6 +191,10 @@ class Tracker:
         """(key, value, step, timestamp_ms) tuples, sent as one batch."""
         if points:
             self._put({"kind": "metrics", "points": points})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Run tags, values as strings (the run's description: gpt.run_summary)."""
+        self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params, values as strings (MLflow's params are write-once)."""
@@ -204,6 +214,19 @@ class Tracker:
         target.write_text(text, encoding="utf-8")
         folder = str(Path(artifact_file).parent)
         self._put({"kind": "artifact", "path": str(target), "artifact_path": None if folder == "." else folder})
+
+    def log_datasets(self, records: list[dict[str, Any]]) -> None:
+        """Dataset inputs as gpt.datasets.dataset_records() makes them."""
+        if records:
+            self._put({"kind": "datasets", "inputs": records})
+
+    def log_model(self, folder: Path, register_as: str | None, step: int) -> None:
+        """An MLflow Model folder (in staging_path()) to log as the run's model at `step`, and to register."""
+        self._put({"kind": "model", "path": str(folder), "register": register_as, "step": step})
+
+    def staging_path(self, name: str) -> Path:
+        """A fresh path in the run's outbox for a file or folder to spool; it is removed once delivered."""
+        return self._staged(name)
 
     def log_loss_curve(self, history: list[dict], title: str) -> None:
         """The plot is drawn by the sender from history.json: the spool stays small however long the run."""
@@ -227,6 +250,8 @@ class Tracker:
         timeout = env.tracking_timeout() if timeout is None else timeout
         if not self._closed:
             self._closed = True
+            for stop in self.before_close:
+                stop()
             self._put({"kind": "end", "status": status})
             self._queue.put(None)
             self._closing.set()  # the sender stops backing off and retries every CLOSING_RETRY_S
@@ -284,9 +309,9 @@ class Tracker:
 
 
 def clear_staged(item: dict[str, Any], local_dir: Path) -> None:
-    """Remove a delivered artifact's outbox copy (files logged in place are left alone)."""
+    """Remove a delivered artifact's or model's outbox copy (files logged in place are left alone)."""
     staged = Path(item.get("path", ""))
-    if item["kind"] == "artifact" and staged.parent.parent == local_dir / "outbox":
+    if item["kind"] in ("artifact", "model") and staged.parent.parent == local_dir / "outbox":
         shutil.rmtree(staged.parent, ignore_errors=True)
 
 

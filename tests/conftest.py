@@ -87,21 +87,42 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same port, same store)."""
+    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same port, same store).
 
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
+    app_name="basic-auth" starts MLflow's sign-in app, with the admin account ADMIN (password ADMIN_PASSWORD)
+    and its user database in the folder.
+    """
+
+    ADMIN, ADMIN_PASSWORD = "admin", "admin-password-for-tests"
+
+    def __init__(self, folder: Path, app_name: str | None = None):
+        self.folder, self.port, self.app_name = folder, free_port(), app_name
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
+
+    def _auth_config(self) -> dict[str, str]:
+        """MLflow's basic-auth settings: a user database in the folder, not ./basic_auth.db."""
+        config = self.folder / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{self.folder}/basic_auth.db\nadmin_username = {self.ADMIN}\n"
+            f"admin_password = {self.ADMIN_PASSWORD}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        # the sign-in app protects its forms against CSRF with this key (MLflow refuses to start without one)
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only-secret"}
 
     def start(self, timeout: float = 120) -> None:
         # the job runner (a dozen huey workers) is not needed and doubles the start-up time
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        app = ["--app-name", self.app_name] if self.app_name else []
+        if self.app_name == "basic-auth":
+            env.update(self._auth_config())
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder}/server.db", "--artifacts-destination",
-             str(self.folder / "server-artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+             str(self.folder / "server-artifacts"), "--workers", "1", *app],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=self.folder,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

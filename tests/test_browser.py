@@ -1,4 +1,5 @@
-"""The MLflow UI in a real browser: a tiny grid's runs, their loss charts and the grid's report, as a user sees them.
+"""The MLflow UI in a real browser: a tiny grid's runs, their loss charts, datasets, models and system metrics,
+and the grid's report, as a user sees them.
 
 Headless Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON
 messages ending in NUL on file descriptors 3 and 4), so no driver or websocket package is needed.
@@ -38,15 +39,19 @@ GRID = [
     "--set", "train.epochs=2",
     "--set", "train.batch_size=16",
     "--name", "ui-grid",
+    "--register-model", "ui-grid-best",
 ]  # fmt: skip
 # The chart card titled `name` (the nearest ancestor of the title that holds a plot) and its drawn lines.
+# The UI draws only the charts in view: a card without lines is scrolled into view for the next look.
 CHART_LINES = """(name => {
   const title = [...document.querySelectorAll('h1,h2,h3,h4,h5,span,div')]
     .find(e => e.childElementCount === 0 && e.textContent.trim() === name);
   let card = title;
   while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;
-  return card ? [...card.querySelectorAll('.js-plotly-plot path.js-line')]
+  const lines = card ? [...card.querySelectorAll('.js-plotly-plot path.js-line')]
     .filter(p => (p.getAttribute('d') || '').includes('L')).length : 0;
+  if (title && !lines) title.scrollIntoView({block: 'center'});
+  return lines;
 })"""
 
 
@@ -163,16 +168,19 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, s
     text.write_text(VERDICT.read_text(encoding="utf-8")[:3000], encoding="utf-8")
     server = MlflowServer(folder)
     server.start()
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"  # MLflow's setting: charts for seconds-long runs
     try:
         args = ["run", *GRID, "--data", str(text), "--tracking-uri", server.url, "--out-dir", str(folder / "report")]
         result = CliRunner().invoke(ablate.main, args)
         assert result.exit_code == 0, result.output
+        assert "registered models:/ui-grid-best/1: cell " in result.output
         parent_id = result.output.strip().splitlines()[-1].split(": ", 1)[1]
         client = MlflowClient(server.url)
         experiment_id = client.get_run(parent_id).info.experiment_id
         runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
         yield server.url, experiment_id, parent_id, {r.info.run_name: r.info.run_id for r in runs}
     finally:
+        os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", None)
         server.stop()
 
 
@@ -213,6 +221,40 @@ def test_run_page_draws_the_train_and_val_loss_charts(grid, browser: Browser, sh
     browser.screenshot(shots / "model-metrics.png")
     assert min(children) in browser.text()
     assert_model_training_view(browser.text())
+
+
+def test_run_page_lists_the_dataset_the_logged_model_and_its_registered_version(grid, browser, shots: Path) -> None:
+    url, experiment_id, _, children = grid
+    run_id = MlflowClient(url).get_model_version("ui-grid-best", "1").run_id  # the grid's best cell
+    assert run_id in children.values()
+    browser.open(f"{url}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning")
+    shown = ["Datasets", "verdict_head (", "Training", "Logged models (1)", "Registered models", "ui-grid-best"]
+    condition = " && ".join(f"document.body.innerText.includes({json.dumps(text)})" for text in shown)
+    browser.wait_until(condition, "the datasets, logged model and registered version", shots)
+    browser.close_assistant()
+    browser.screenshot(shots / "run-overview.png")
+    browser.evaluate(  # the Logged models table sits below the parameters
+        "[...document.querySelectorAll('h1,h2,h3,h4,h5,span,div')].find(e => e.childElementCount === 0 && "
+        "e.textContent.trim().startsWith('Logged models')).scrollIntoView()"
+    )
+    time.sleep(1)
+    browser.screenshot(shots / "run-logged-model.png")
+    text = browser.text()
+    assert "Description" in text and "best val loss" in text  # the run's one-line summary
+    assert "Registered models: None" not in text and "Datasets: None" not in text
+
+
+def test_system_metrics_tab_charts_cpu_and_memory(grid, browser: Browser, shots: Path) -> None:
+    url, experiment_id, _, children = grid
+    run_id = children[min(children)]
+    browser.open(f"{url}/#/experiments/{experiment_id}/runs/{run_id}/system-metrics?workflowType=machine_learning")
+    charts = ("cpu_utilization_percentage", "system_memory_usage_megabytes")
+    drawn = " && ".join(f"{CHART_LINES}('{chart}') > 0" for chart in charts)
+    browser.wait_until(drawn, "the CPU and memory charts", shots)
+    browser.close_assistant()
+    time.sleep(1)
+    browser.screenshot(shots / "system-metrics.png")
+    assert "System metrics" in browser.text()
 
 
 def test_the_grids_report_opens_from_the_parent_runs_artifacts(grid, browser: Browser, shots: Path) -> None:

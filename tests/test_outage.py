@@ -233,6 +233,14 @@ def assert_every_point_once(client: MlflowClient, run_id: str, epochs: int) -> N
     assert client.get_run(run_id).info.status == "FINISHED"
     names = {a.path for folder in ("samples", "checkpoints") for a in client.list_artifacts(run_id, folder)}
     assert {f"samples/epoch_{e:03d}.txt" for e in range(1, epochs + 1)} | {"checkpoints/last.pt"} <= names
+    # what is spooled at the start and the end of a run arrives once too: datasets, system metrics, model
+    run = client.get_run(run_id)
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["the_verdict", "the_verdict"]
+    readings = steps(client, run_id, "system/cpu_utilization_percentage")
+    assert readings == list(range(len(readings))) and readings, f"system metrics of run {run_id}"
+    assert len(steps(client, run_id, "best_val_loss")) == 1
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert [m.status for m in models] == ["READY"], f"logged models of run {run_id}"
 
 
 @needs_tokenizer

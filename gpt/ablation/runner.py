@@ -64,6 +64,7 @@ class RunnerOptions:
     echo: Callable[[str], None] = print
     settle_s: float = PARENT_SETTLE_S
     started: float = field(default_factory=time.time)  # cells that failed after this were tried in this round
+    log_model: bool = True  # each cell logs its best model as an MLflow Model (ablate.py run --no-log-model)
 
 
 @dataclass
@@ -198,6 +199,7 @@ def run_cell(cell: Cell, parent_id: str, experiment_id: str, options: RunnerOpti
         tags=tags,
         progress=False,
         echo=lambda line: None,
+        log_model=options.log_model,
     )
     prepared, error, claimed = None, "", False
     try:  # reading and tokenizing the data comes before the claim, so that a claim turns into a run at once
