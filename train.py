@@ -10,7 +10,8 @@ python train.py --log-model <run_id>               # log a run's best checkpoint
 torchrun --nproc_per_node=4 train.py --config ...  # data-parallel over 4 GPUs; train.batch_size is the global batch
 
 Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 non-finite loss, 4 tracking left undelivered
-(replay it), 130/143 stopped by Ctrl-C/SIGTERM (resume it). Under torchrun these are rank 0's; torchrun
+(replay it), 5 disk full or read-only (make room, then resume it), 130/143 stopped by Ctrl-C/SIGTERM
+(resume it); the README's "What to do when" says more. Under torchrun these are rank 0's; torchrun
 itself exits 1 for any of them, and rank 0's `status:` line says why.
 Environment variables: see gpt/env.py (all checked before anything runs).
 """
@@ -38,6 +39,7 @@ from gpt.logged_model import check_registered_name
 
 if TYPE_CHECKING:
     from gpt.job import JobOptions
+    from gpt.resume import Resumption
     from gpt.tracked_run import JobResult
 
 
@@ -156,13 +158,14 @@ def _log_model(run_id: str, tracking_uri: str | None, tokenizer_file: str | None
 def _replay(folder: Path, tracking_uri: str | None) -> None:
     """--replay: send a run's spool (one process: a spool belongs to one run)."""
     from gpt import distributed
-    from gpt.tracking import replay
+    from gpt.resume import replay_run
 
     if distributed.from_environment().active:
         raise UserError("--replay sends a run's spool and trains nothing; run it without torchrun")
-    run_id, sent, status = replay(folder, tracking_uri)
-    ended = f"; the run is now {status}" if status else ""
-    click.echo(f"replayed {sent} spooled items of run {run_id}{ended}")
+    replayed = replay_run(folder, tracking_uri)
+    skipped = f" ({replayed.unreadable} unreadable lines skipped)" if replayed.unreadable else ""
+    ended = f"; the run is now {replayed.status}" if replayed.status else ""
+    click.echo(f"replayed {replayed.sent} spooled items of run {replayed.run_id}{skipped}{ended}")
 
 
 def _train(
@@ -182,6 +185,9 @@ def _train(
         resumption = resume_options(resume, options.tracking_uri, options.cache_dir, overrides or [])
         cfg, payload, run_id = resumption.cfg, resumption.payload, resumption.run_id
         options.tracking_uri = resumption.tracking_uri
+        if resumption.complete and not dry_run:  # nothing to train: end the run FINISHED
+            _finish(resumption, options)
+            return
     else:
         options.tracking_uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)  # before the data are read: an unusable store fails at once
@@ -189,11 +195,7 @@ def _train(
     for line in describe(prepared):
         options.echo(line)
     if payload is not None:
-        state = payload["state"]
-        options.echo(
-            f"resuming run {run_id} from {resumption.path}: epoch {state['epoch'] + 1} of {cfg.train.epochs}, "
-            f"after batch {state['batch_in_epoch']} (step {state['step']})"
-        )
+        options.echo(resumption.describe())
     if dry_run:
         options.echo("dry run: configuration and data are valid; no run was created or changed")
         return
@@ -201,6 +203,21 @@ def _train(
     if options.ranks.is_main:  # rank 0 reports the run
         _print_result(result, options.tracking_uri)
     raise SystemExit(result.exit_code)
+
+
+def _finish(resumption: Resumption, options: JobOptions) -> None:
+    """--resume of a run whose checkpoint completed its epochs: deliver its spool and end it FINISHED."""
+    from gpt.resume import finish_complete
+
+    if not options.ranks.is_main:  # rank 0 ends the run; there is nothing to train together
+        return
+    replayed = finish_complete(resumption, options.cache_dir)
+    epochs = resumption.cfg.train.epochs
+    click.echo(
+        f"status: {replayed.status}: run {replayed.run_id} already trained its {epochs} epochs; nothing to "
+        f"train (add --epochs N to train it longer)"
+    )
+    click.echo(f"run_id: {replayed.run_id}")
 
 
 def _print_result(result: JobResult, tracking_uri: str) -> None:

@@ -12,8 +12,11 @@ Format 1 also stored epoch, step and best_val_loss at the top level; both format
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import random
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +26,7 @@ import torch
 
 from gpt import config as config_module
 from gpt.config import Config
-from gpt.errors import UserError
+from gpt.errors import DiskFault, UserError, disk_fault, writing
 from gpt.state import TrainState
 
 FORMAT = "gpt-mlflow-checkpoint/2"
@@ -131,19 +134,34 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def save(path: Path, payload: dict[str, Any]) -> Path:
-    """Write to a temporary file, fsync it, then rename: a crash mid-write keeps the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
+def save(path: Path, payload: dict[str, Any], staging: Path | None = None) -> Path:
+    """Write to a temporary file, fsync it, then rename: a crash mid-write keeps the old file.
+
+    staging: the folder of the temporary file (on the same file system as `path`). A run's artifact
+    folder lists every file in it, so a checkpoint written there is staged outside it, where MLflow
+    never shows a partial file. Raises gpt.errors.DiskFault when the disk is full ("disk full: no space
+    left on the device at <path>, N MB needed") or read-only; the old file is then left as it was.
+    """
+    folder = staging or path.parent
+    with writing(folder):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{path.name}.tmp"
     try:
-        with open(partial, "wb") as handle:
-            torch.save({"format": FORMAT, **payload}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
+        with writing(path):
+            with open(partial, "wb") as handle:
+                torch.save({"format": FORMAT, **payload}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+    except BaseException as exc:
         partial.unlink(missing_ok=True)  # as large as the model: don't leave it on a disk that may be full
-        raise
+        fault = disk_fault(exc, path) or _out_of_space(folder, payload, path)
+        if fault is None:
+            raise
+        needed = math.ceil(payload_bytes(payload) / 2**20)
+        detail = f", {needed:,} MB needed" if str(fault).startswith("disk full") else ""
+        raise DiskFault(f"{fault}{detail}", path) from None
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -152,13 +170,39 @@ def save(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely; a truncated, foreign or missing file is a UserError naming it."""
+def payload_bytes(value: Any) -> int:
+    """The bytes of every tensor in a checkpoint payload: about the size of its file."""
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(payload_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(item) for item in value)
+    return 0
+
+
+def _out_of_space(folder: Path, payload: dict[str, Any], path: Path) -> DiskFault | None:
+    """torch reports a full disk as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`:
+    when the folder's free space is below the checkpoint's size, that is what it was."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= payload_bytes(payload):
+        return None
+    return disk_fault(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)))
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint safely; a truncated, foreign or missing file is a UserError naming it.
+
+    mmap: map the tensors instead of reading them (to look at a checkpoint's position or config only).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # the weights-only unpickler also raises IndexError, KeyError... on foreign bytes
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint {path} is truncated, corrupt or not from this tool ({reason})") from None

@@ -1,4 +1,12 @@
-"""One exception type for user mistakes: the scripts turn it into a one-line message and an exit code."""
+"""Exceptions the scripts turn into a one-line message and an exit code: user mistakes, and disks that
+refuse a write (full, over quota, read-only)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -8,3 +16,59 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class DiskFault(UserError):
+    """A write the disk refused: it is full, over its quota, read-only, or not ours to write (exit 5).
+
+    The message is one line that starts with the cause ("disk full", "read-only") and names the path.
+    """
+
+    exit_code = 5
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+# errno -> the one-line cause; {path} is the file or folder the write went to
+_CAUSES = {
+    errno.ENOSPC: "disk full: no space left on the device at {path}",
+    errno.EDQUOT: "disk full: the disk quota is exceeded at {path}",
+    errno.EROFS: "read-only: {path} is on a read-only file system",
+    errno.EACCES: "read-only: no permission to write {path}",
+    errno.EPERM: "read-only: no permission to write {path}",
+}
+
+
+def disk_fault(exc: BaseException | None, path: str | Path | None = None) -> DiskFault | None:
+    """The DiskFault behind `exc`: itself, or an OSError of a full or read-only disk anywhere in its chain
+    of causes (torch reports a full disk as a RuntimeError whose context is the OSError); None otherwise.
+
+    path: the file being written, named rather than the OSError's own (a failed write() names none, and
+    a temporary file means less to the user than the file it becomes).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, DiskFault):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in _CAUSES:
+            where = path or exc.filename or "an unnamed file"
+            return DiskFault(_CAUSES[exc.errno].format(path=where), where)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a full or read-only disk met in the block into a DiskFault naming `path`; other errors pass."""
+    try:
+        yield
+    except DiskFault:
+        raise
+    except OSError as exc:
+        fault = disk_fault(exc, path)
+        if fault is None:
+            raise
+        raise fault from None

@@ -34,7 +34,7 @@ from gpt.errors import UserError
 from gpt.mlflow_native import make_native
 from gpt.model import GPT
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
-from gpt.resume import check_same_data
+from gpt.resume import check_same_data, is_restart
 from gpt.signals import StopOnSignal
 from gpt.sizes import DataStats, count_parameters, flops_per_token
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, resolve_tracking_uri, with_retries
@@ -209,6 +209,7 @@ def build_trainer(cfg: Config, prepared: Prepared, payload: dict[str, Any] | Non
     trainer = Trainer(cfg, GPT(cfg.model), prepared.corpus, prepared.device, ranks=prepared.ranks)
     if payload is not None:
         check_same_data(payload, prepared.corpus)
+    if payload is not None and not is_restart(payload):  # a run without a checkpoint starts again from epoch 0
         # nothing draws from torch's generator between here and the first step (samples use their own)
         checkpoint.restore(trainer, payload)
     distributed.seed_rank(prepared.ranks, cfg.train.seed, trainer.state.step)

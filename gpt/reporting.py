@@ -98,6 +98,7 @@ class Checkpoints:
         log_points: where the write time and interval go as metrics; echo: where the policy is announced."""
         self.folder, self.run_id, self.every_s, self.extra = folder, run_id, every_s, extra
         self.before_write, self.seconds, self.log_points, self.echo = before_write, seconds, log_points, echo
+        self.staging: Path | None = None  # where files are written before their rename (gpt.checkpoint.save)
         self.last_write = time.monotonic()
         self.write_cost: float | None = None  # seconds the last write of last.pt took
         self.saved_step: int | None = None  # the optimizer step last.pt holds, once written here
@@ -139,10 +140,10 @@ class Checkpoints:
         started = time.perf_counter()
         with timed(self.seconds, "checkpoint writes"):
             if include_last:
-                checkpoint.save(self.folder / "last.pt", self.payload(trainer))
+                checkpoint.save(self.folder / "last.pt", self.payload(trainer), self.staging)
                 self.written.add("last.pt")
             if self.best_payload is not None:
-                checkpoint.save(self.folder / "best.pt", self.best_payload)
+                checkpoint.save(self.folder / "best.pt", self.best_payload, self.staging)
                 self.best_payload = None
                 self.written.add("best.pt")
         if include_last:

@@ -1,13 +1,18 @@
-"""Continuing a run: which checkpoint, config and store --resume means, and how far the run has logged.
+"""Continuing a run: which checkpoint, config and store --resume means, and how far the run has logged;
+and how a run whose process died ends.
 
 A run resumes with its own config (only keys marked resumable in gpt.config may change) on the very files it trained on,
-in its own MLflow run.
+in its own MLflow run. A run with no checkpoint starts again from epoch 0 in the same run; a run whose
+checkpoint completed its epochs is ended FINISHED. A replay (`train.py --replay`) ends a run whose
+process died as its last checkpoint says: FINISHED when complete, FAILED otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +24,9 @@ from gpt import checkpoint, metrics
 from gpt.config import Config, apply_overrides, resumable_keys, validate
 from gpt.data import Corpus
 from gpt.errors import UserError
-from gpt.runs import find_checkpoint, local_run_dir
-from gpt.store import check_tracking_uri, resolve_tracking_uri, with_retries
-from gpt.tracking import Spool
+from gpt.runs import NoCheckpoint, find_checkpoint, local_run_dir
+from gpt.store import check_tracking_uri, local_artifact_dir, open_client, resolve_tracking_uri, with_retries
+from gpt.tracking import Ending, Replayed, Spool, replay, run_meta, write_run_record
 from gpt.trainer import TrainState
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -29,13 +34,35 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 @dataclass
 class Resumption:
-    """What --resume continues: the run's config (its data files included), checkpoint, run and store."""
+    """What --resume continues: the run's config (its data files included), checkpoint, run and store.
+
+    A run that saved no checkpoint restarts from epoch 0 (payload then holds only config, data and
+    run_id, and path is None); a run whose checkpoint completed its epochs is `complete`: it is ended
+    FINISHED, with nothing to train.
+    """
 
     cfg: Config
     payload: dict[str, Any]
     run_id: str
     tracking_uri: str
-    path: Path
+    path: Path | None
+    complete: bool = False
+
+    def describe(self) -> str:
+        """The line printed before training resumes."""
+        epochs = self.cfg.train.epochs
+        if self.path is None:
+            return f"restarting run {self.run_id} from epoch 1 of {epochs}: it saved no checkpoint"
+        state = self.payload["state"]
+        return (
+            f"resuming run {self.run_id} from {self.path}: epoch {state['epoch'] + 1} of {epochs}, "
+            f"after batch {state['batch_in_epoch']} (step {state['step']})"
+        )
+
+
+def is_restart(payload: dict[str, Any] | None) -> bool:
+    """Whether a resume payload starts its run again from epoch 0 (it holds no training state)."""
+    return payload is not None and "state" not in payload
 
 
 def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overrides: Sequence[str]) -> Resumption:
@@ -43,13 +70,18 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
 
     The store is tracking_uri (the option), else (for a file) the one the checkpoint names, else the default.
     Only resumable keys (gpt.config.resumable_keys) may be overridden; the data are the very files the run trained on.
+    A run id without a checkpoint restarts from its recorded config (UserError when none is recorded here).
     """
     by_id = RUN_ID.fullmatch(target) is not None and not Path(target).exists()
     uri = resolve_tracking_uri(tracking_uri)
     if by_id:
         check_tracking_uri(uri)
-        local = local_run_dir(uri, cache_dir, target) / "checkpoints" / "last.pt"
-        path = local if local.is_file() else find_checkpoint(target, "last", uri)  # remote stores: local first
+        local = local_run_dir(uri, cache_dir, target)
+        try:  # remote stores: the local copy first
+            path = local / "checkpoints" / "last.pt" if (local / "checkpoints" / "last.pt").is_file() else None
+            path = path or find_checkpoint(target, "last", uri)
+        except NoCheckpoint as missing:
+            return _restart(target, local, uri, overrides, missing)
     else:
         path = Path(target).expanduser()
         if path.is_dir():
@@ -64,6 +96,15 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
         raise UserError(f"{source} names no MLflow run to continue (run_id is {run_id!r})")
     if by_id and run_id != target:
         raise UserError(f"{source} belongs to run {run_id}, not to run {target}")
+    cfg = _resumed_config(payload, source, run_id, overrides)
+    state = TrainState.from_dict(payload["state"], source)
+    if not by_id and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = payload.get("tracking_uri") or uri
+    return Resumption(cfg, payload, run_id, uri, path, complete=state.epoch >= cfg.train.epochs)
+
+
+def _resumed_config(payload: dict[str, Any], source: str, run_id: str, overrides: Sequence[str]) -> Config:
+    """The run's own config with the (resumable) overrides, on the very files it trained on."""
     cfg = checkpoint.config_of(payload, source)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
@@ -76,15 +117,78 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
     validate(cfg)
     if payload.get("data"):
         cfg.data.files = [info["path"] for info in payload["data"]]
-    state = TrainState.from_dict(payload["state"], source)
-    if state.epoch >= cfg.train.epochs:
+    return cfg
+
+
+def _restart(run_id: str, local: Path, uri: str, overrides: Sequence[str], missing: UserError) -> Resumption:
+    """A run killed before its first checkpoint starts again from epoch 0, in the same run, from the config
+    and data recorded beside its spool (gpt.tracked_run); UserError when they are not on this machine."""
+    try:
+        _, _, record = run_meta(local)
+    except UserError:
+        record = {}
+    if not isinstance(record.get("config"), dict) or record.get("run_id") != run_id:
         raise UserError(
-            f"run {run_id} already trained its {cfg.train.epochs} epochs; "
-            f"add --epochs N (more than {state.epoch}) to train it longer"
+            f"{missing}; and its config is not recorded on this machine ({local / 'run.json'}), so it cannot "
+            "start again: train a new run instead"
+        ) from None
+    payload = {"config": record["config"], "data": record.get("data") or [], "run_id": run_id}
+    cfg = _resumed_config(payload, f"{local / 'run.json'}", run_id, overrides)
+    return Resumption(cfg, payload, run_id, uri, None)
+
+
+def summary_points(spool: Spool, best_val_loss: float, best_epoch: int) -> list[tuple[str, float, int, int]]:
+    """best_val_loss and best_epoch at step best_epoch (gpt.metrics), unless the spool holds them there
+    already (a resumed run whose best epoch came before): every point is logged once."""
+    if not best_epoch:
+        return []
+    now = int(time.time() * 1000)
+    wanted = [(metrics.BEST_VAL_LOSS, float(best_val_loss)), (metrics.BEST_EPOCH, float(best_epoch))]
+    logged = spool.points(key for key, _ in wanted)
+    return [(key, value, best_epoch, now) for key, value in wanted if (key, best_epoch, value) not in logged]
+
+
+def ending(local_dir: Path, client: MlflowClient, run_id: str) -> Ending:
+    """How a run whose process died ends (gpt.tracking.replay): FINISHED, with its summary, when its last
+    checkpoint completed its epochs; FAILED otherwise (`--resume` continues it, or starts it again)."""
+    path = local_dir / "checkpoints" / "last.pt"  # remote stores keep checkpoints here until the end
+    if not path.is_file():
+        try:
+            artifacts = local_artifact_dir(with_retries(lambda: client.get_run(run_id)).info.artifact_uri)
+        except Exception:  # the store will tell the replay itself why it cannot take anything
+            artifacts = None
+        path = artifacts / "checkpoints" / "last.pt" if artifacts else path
+    try:
+        payload = checkpoint.load(path, mmap=True)
+        epoch, epochs = checkpoint.position(payload)["epoch"], payload["config"]["train"]["epochs"]
+        best = payload["state"] if isinstance(payload.get("state"), dict) else payload
+        complete = int(epoch) >= int(epochs)
+    except (UserError, KeyError, TypeError, ValueError):  # no checkpoint, or none this tool can read
+        return Ending("FAILED")
+    if not complete:
+        return Ending("FAILED")
+    return Ending("FINISHED", summary_points(Spool(local_dir), best.get("best_val_loss"), best.get("best_epoch", 0)))
+
+
+def replay_run(local_dir: Path, tracking_uri: str | None = None) -> Replayed:
+    """`train.py --replay`: deliver a run's spool and, if its process died, end it as its checkpoint says."""
+    return replay(local_dir, tracking_uri, ending=functools.partial(ending, local_dir))
+
+
+def finish_complete(resumption: Resumption, cache_dir: Path) -> Replayed:
+    """`--resume` of a run whose last checkpoint completed its epochs: deliver its spool, log its summary
+    and end it FINISHED, training nothing. UserError when the run is FINISHED already."""
+    uri, run_id = resumption.tracking_uri, resumption.run_id
+    epochs, done = resumption.cfg.train.epochs, resumption.payload["state"]["epoch"]
+    status = with_retries(lambda: open_client(uri).get_run(run_id)).info.status
+    if status == "FINISHED":
+        raise UserError(
+            f"run {run_id} already trained its {epochs} epochs; add --epochs N (more than {done}) to train it longer"
         )
-    if not by_id and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = payload.get("tracking_uri") or uri
-    return Resumption(cfg, payload, run_id, uri, path)
+    local = local_run_dir(uri, cache_dir, run_id)
+    if not (local / "run.json").is_file():  # resumed on another machine than it trained on
+        write_run_record(local, {"run_id": run_id, "tracking_uri": uri})
+    return replay(local, uri, ending=functools.partial(ending, local), always_end=True)
 
 
 def check_same_data(payload: dict[str, Any], corpus: Corpus) -> None:

@@ -19,6 +19,10 @@ from gpt.store import local_artifact_dir, resolve_tracking_uri, sqlite_folder, s
 CHECKPOINTS = "checkpoints"  # where a training run logs best.pt and last.pt
 
 
+class NoCheckpoint(UserError):
+    """The run exists but holds no such checkpoint (--resume then starts it again, gpt.resume)."""
+
+
 def local_run_dir(tracking_uri: str, cache_dir: Path, run_id: str) -> Path:
     """Spool and non-uploaded files: beside a SQLite store, else in the cache."""
     folder = sqlite_folder(tracking_uri)
@@ -70,8 +74,9 @@ def find_checkpoint(
                 return Path(which)
             saved = sorted(f.path for f in client.list_artifacts(run_id, CHECKPOINTS) if f.path.endswith(".pt"))
             if not saved:
-                raise UserError(f"run {run_id} has no checkpoint: nothing under {CHECKPOINTS}/ (did an epoch finish?)")
-            raise UserError(f"run {run_id} has no {artifact}; its checkpoints: {', '.join(saved)}")
+                nothing = f"run {run_id} has no checkpoint: nothing under {CHECKPOINTS}/ (did an epoch finish?)"
+                raise NoCheckpoint(nothing)
+            raise NoCheckpoint(f"run {run_id} has no {artifact}; its checkpoints: {', '.join(saved)}")
         local = local_artifact_dir(run.info.artifact_uri)
         if local is not None:
             return local / artifact

@@ -1,4 +1,10 @@
-"""Ctrl-C and SIGTERM during training: stop after the current step, checkpoint, end the run KILLED."""
+"""Ctrl-C and SIGTERM during training: stop after the current step, checkpoint, end the run KILLED.
+
+A second signal exits at once (`forced`): whatever it interrupts, a checkpoint being written included,
+is abandoned (the previous checkpoint stays whole, see gpt.checkpoint.save) and the run ends KILLED
+with nothing more written. A signal that comes after the last training step (the final validation,
+the final checkpoint) lets the run finish: there is nothing left to stop, and it says so.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class StopOnSignal:
 
     def __init__(self, trainer: Trainer):
         self.trainer, self.signal_number, self.immediate = trainer, 0, False
+        self.forced = 0  # the exit code of a second signal, which exits at once (0: none came)
         self.last_signal = -math.inf
         self.previous: dict[int, Any] = {}
 
@@ -58,8 +65,21 @@ class StopOnSignal:
             return
         self.last_signal = now
         if self.signal_number or self.immediate:
+            self.forced = 128 + number  # set first: torch turns the exit raised in a write into a RuntimeError
             raise SystemExit(128 + number)
         self.signal_number = number
         self.trainer.stop_requested = True
         if self.trainer.ranks.is_main:  # under torchrun every rank gets the signal; one line is enough
-            _notice("\nstopping after this step to save a checkpoint; press Ctrl-C again to exit at once\n")
+            _notice(f"\n{self.stop_notice()}; press Ctrl-C again to exit at once\n")
+
+    @property
+    def steps_left(self) -> bool:
+        """Whether a training step is still to come (not so during the final validation and checkpoint)."""
+        t = self.trainer
+        return t.state.step < t.steps_per_epoch * t.cfg.train.epochs
+
+    def stop_notice(self) -> str:
+        """What the first signal does, as the user should read it."""
+        if self.steps_left:
+            return "stopping after this step to save a checkpoint"
+        return "the last step is done: finishing the run (validation, checkpoint) rather than stopping it"

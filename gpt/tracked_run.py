@@ -8,16 +8,18 @@
 TrackedRun owns what every way out of training must settle: the run's lock (one process per run),
 its tracker (the spool and its sender), the final status and the exit code. However training ends, the
 run ends in a state that says what happened: FINISHED; KILLED on Ctrl-C or SIGTERM, after a checkpoint
-to resume from (exit 130 or 143); FAILED on a non-finite loss (exit 3, best.pt kept) or any crash (the
-exception goes on to the script, which prints it in one line). Exit 4 says tracking data were left in
-the run's local spool, with the command that sends them.
+to resume from (exit 130 or 143), or at once on a second one, writing nothing more; FAILED on a
+non-finite loss (exit 3, best.pt kept), on a full or read-only disk (exit 5: training stops, nothing
+more is written, --resume continues once there is room) or any crash (the exception goes on to the
+script, which prints it in one line). Exit 4 says tracking data were left in the run's local spool,
+with the command that sends them. A signal after the last training step lets the run finish.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import time
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +27,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from gpt import metrics
+from gpt.errors import DiskFault, disk_fault
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
-from gpt.resume import logged_progress
+from gpt.resume import logged_progress, summary_points
 from gpt.runs import local_run_dir
 from gpt.signals import StopOnSignal
 from gpt.store import absolute_uri, local_artifact_dir, run_lock, with_retries
-from gpt.tracking import Tracker
+from gpt.tracking import Tracker, write_run_record
 from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
+
+DISK_FAULT_WAIT_S = 30.0  # how long a run that stopped on a full or read-only disk waits for delivery
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -103,14 +108,13 @@ class TrackedRun:
         try:
             if self.run.info.status != "RUNNING":  # a run reopened to resume it
                 with_retries(lambda: self.client.update_run(self.run_id, status="RUNNING"))
-            meta = {"run_id": self.run_id, "tracking_uri": self.uri}
-            (self.local_dir / "run.json").write_text(json.dumps(meta))
+            write_run_record(self.local_dir, {"run_id": self.run_id, "tracking_uri": self.uri})
             self.tracker = Tracker(self.client, self.run_id, self.local_dir)
         except BaseException:
             with contextlib.suppress(Exception):  # no spool to end it through: end it directly, if the store lets us
                 self.client.set_terminated(self.run_id, "FAILED")
             self._stack.close()
-            raise
+            raise  # a full or read-only disk is a DiskFault: one line, exit 5
         return self
 
     def logged(self) -> tuple[int, int]:
@@ -118,10 +122,29 @@ class TrackedRun:
         return logged_progress(self.client, self.run_id, self.tracker.spool)
 
     def watch(self, reporter: Reporter, checkpoints: Checkpoints, progress: ProgressBar) -> None:
-        """Report and checkpoint the trainer's epochs, and show its steps; the observers run in this order."""
+        """Report and checkpoint the trainer's epochs, and show its steps; the observers run in this order.
+
+        Also records the run's config and data beside its spool: a run killed before its first
+        checkpoint restarts from them (`train.py --resume`, gpt.resume).
+        """
         self.reporter, self.checkpoints, self.progress = reporter, checkpoints, progress
         self.trainer.observers += [reporter, checkpoints]
         self.trainer.on_step = progress
+        checkpoints.staging = self._staging()
+        record = {"run_id": self.run_id, "tracking_uri": self.uri, "config": self.trainer.cfg.to_dict()}
+        write_run_record(self.local_dir, {**record, "data": checkpoints.extra.get("data", [])})
+
+    def _staging(self) -> Path | None:
+        """Where checkpoints are written before they are renamed into a local artifact folder: the run's
+        local folder, if on the same file system (a rename cannot cross one), so that MLflow never lists
+        a partial file. None (beside the checkpoint) when they are not artifacts, or on another disk."""
+        if self.artifacts is None:
+            return None
+        existing = self.artifacts
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        same_disk = os.stat(existing).st_dev == os.stat(self.local_dir).st_dev
+        return self.local_dir / "partial" if same_disk else None
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
@@ -129,8 +152,12 @@ class TrackedRun:
         try:
             try:
                 self._end_training(error)
-            except BaseException as failure:  # a crash, or a failure while ending (a full disk)
+            except DiskFault as fault:  # a full or read-only disk: nothing more can be written
+                self._stop_writing(fault)
+            except BaseException as failure:  # a crash, or a second Ctrl-C
                 self._abort(failure)
+                if self.stopper.forced:  # whatever the signal interrupted (torch makes it a RuntimeError)
+                    raise SystemExit(self.stopper.forced) from None
                 raise
             self._deliver()
             return True
@@ -140,10 +167,16 @@ class TrackedRun:
     def _end_training(self, error: BaseException | None) -> None:
         """Write the final checkpoints and settle status, message and exit code; re-raise anything unexpected."""
         trainer, s = self.trainer, self.trainer.state
+        fault = disk_fault(error)
+        if fault is not None:
+            raise fault
         if error is None:
             self.checkpoints.write(trainer)
             for finished in self.on_finish:  # (the logged model: a second Ctrl-C while it is written ends it KILLED)
                 finished()
+            if self.stopper.signal_number:  # it came after the last step: there was nothing left to stop
+                name = signal.Signals(self.stopper.signal_number).name
+                self.message = f"{name} came after the last training step; the run finished all its epochs"
         elif isinstance(error, Interrupted):
             self.progress.close()  # the bar of the abandoned epoch
             self.reporter.log_steps(error.step_points)
@@ -161,14 +194,26 @@ class TrackedRun:
         else:
             raise error
 
+    def _stop_writing(self, fault: DiskFault) -> None:
+        """The disk refused a write (spool, sample, plot or checkpoint): training stops where it is, nothing
+        more is written but the run's end, and the run ends FAILED (exit 5). What the spool and the last
+        checkpoint hold is consistent (metrics are spooled before every checkpoint), so a resume, once
+        there is room, trains on to the same losses and logs every point once."""
+        self.stopper.immediate = True
+        if self.progress is not None:
+            self.progress.close()
+        self.status, self.exit_code = "FAILED", DiskFault.exit_code
+        remedy = "free some space" if str(fault).startswith("disk full") else "make it writable"
+        self.message = f"{fault}; {remedy}, then continue with: python train.py --resume {self.run_id}"
+
     def _abort(self, failure: BaseException) -> None:
         """End the run after a crash: KILLED at once on a second Ctrl-C, else FAILED after saving what can be."""
         self.stopper.immediate = True
-        if isinstance(failure, SystemExit) and self.stopper.signal_number:  # a second Ctrl-C: leave now
+        if self.stopper.forced:  # a second Ctrl-C: leave now, writing nothing more
             self.echo("stopped at once, without a checkpoint; the run ends KILLED")
             self.tracker.close("KILLED", timeout=1.0, notify=self.echo)
             return
-        # best effort, each on its own: the crash may have come from these very writes (a full disk)
+        # best effort, each on its own: the crash may have come from these very writes
         if self.reporter is not None:
             with contextlib.suppress(Exception):
                 self.reporter.flush_points()
@@ -181,23 +226,25 @@ class TrackedRun:
         """Send the summary, remote checkpoints and end status; wait for delivery; build the result."""
         self.stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
         s = self.trainer.state
-        if s.best_epoch:
-            points = [(metrics.BEST_VAL_LOSS, s.best_val_loss), (metrics.BEST_EPOCH, float(s.best_epoch))]
-            self.tracker.log_points([(key, value, s.best_epoch, int(time.time() * 1000)) for key, value in points])
+        disk_failed = self.exit_code == DiskFault.exit_code
         try:
-            if self.artifacts is None:  # a remote artifact store: upload the final checkpoints once
+            self.tracker.log_points(summary_points(self.tracker.spool, s.best_val_loss, s.best_epoch))
+            if self.artifacts is None and not disk_failed:  # a remote artifact store: upload the checkpoints once
                 for name in sorted(self.checkpoints.written):
                     self.tracker.log_file(self.checkpoint_folder / name, "checkpoints", snapshot=False)
-            delivered = self.tracker.close(self.status, notify=self.echo)
+        except DiskFault as fault:  # the training is saved; its summary waits for the next resume
+            if not disk_failed:
+                self.exit_code, disk_failed = DiskFault.exit_code, True
+                self.message += f"{'; ' if self.message else ''}{fault}: the run's summary was not logged"
+        try:
+            timeout = min(self.tracker.timeout, DISK_FAULT_WAIT_S) if disk_failed else None
+            delivered = self.tracker.close(self.status, timeout=timeout, notify=self.echo)
         except SystemExit:
             replay = f"python train.py --replay {self.local_dir}"
             self.echo(f"stopped waiting for the tracking server; send the rest with: {replay}")
             raise
         if not delivered:
-            self.message += (
-                f"{'; ' if self.message else ''}the tracking server did not take everything in time: the rest is "
-                f"kept in {self.local_dir}; send it with: python train.py --replay {self.local_dir}"
-            )
+            self.message += f"{'; ' if self.message else ''}{self._undelivered(disk_failed)}"
         self.result = JobResult(
             self.run_id,
             self.run.info.experiment_id,
@@ -211,3 +258,13 @@ class TrackedRun:
             dict(self.seconds),
         )
 
+    def _undelivered(self, disk_failed: bool) -> str:
+        """What the store did not take, why, and the command that sends it."""
+        why = f" ({self.tracker.last_error})" if self.tracker.last_error else ""
+        replay = f"python train.py --replay {self.local_dir}"
+        if disk_failed:  # --resume delivers the spool first; a replay ends the run instead
+            return f"the tracking store did not take everything{why}; --resume sends it, or end the run with: {replay}"
+        return (
+            f"the tracking server did not take everything in time{why}: the rest is kept in {self.local_dir}; "
+            f"send it with: {replay}"
+        )

@@ -12,7 +12,7 @@ from torch import nn
 
 from gpt import checkpoint
 from gpt.config import Config, ModelConfig
-from gpt.errors import UserError
+from gpt.errors import DiskFault, UserError
 from gpt.model import GPT
 from gpt.state import TrainState
 
@@ -249,7 +249,7 @@ def test_failing_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"epoch": 1, "weights": torch.arange(4)})
     monkeypatch.setattr(torch, "save", _failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFault, match=f"^disk full: no space left on the device at {path}, 1 MB needed$"):
         checkpoint.save(path, {"epoch": 2, "weights": torch.zeros(4)})
     monkeypatch.undo()
     previous = checkpoint.load(path)
@@ -260,7 +260,7 @@ def test_failing_save_removes_its_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"epoch": 1})
     monkeypatch.setattr(torch, "save", _failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFault):
         checkpoint.save(path, {"epoch": 2})
     # a partial file as large as the model would otherwise stay on an already full disk.
     # Fails until checkpoint.save unlinks its temporary file on error (fix in the report on issue 2).

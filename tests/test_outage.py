@@ -181,10 +181,10 @@ def test_close_gives_up_after_its_timeout_and_replay_sends_the_rest(refused, sto
     assert time.monotonic() - started < 3
     assert client.get_run(run_id).info.status == "RUNNING"
 
-    assert replay(local) == (run_id, 7, "FINISHED")  # 3 metrics, 3 samples and the end
+    assert replay(local) == (run_id, 7, "FINISHED", 0)  # 3 metrics, 3 samples and the end; no unreadable line
     assert steps(client, run_id, "train_loss") == [1, 2, 3]
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert replay(local) == (run_id, 0, None), "a second replay has nothing left to send"
+    assert replay(local) == (run_id, 0, None, 0), "a second replay has nothing left to send"
 
 
 def test_replay_ends_a_run_whose_process_died_as_failed(store, tmp_path) -> None:
