@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import tiktoken
 import torch
 
 from gpt.config import Config
-from gpt.errors import UserError
+from gpt.errors import DiskFault, UserError, writing
 from gpt.sizes import DataStats, count_windows, window_stats
 from gpt.text import Document, load_documents
 from gpt.tokenizer import encode
@@ -79,19 +80,43 @@ def sha256_file(path: Path) -> str:
 
 
 def tokenize_cached(doc: Document, encoding: tiktoken.Encoding, cache_dir: Path) -> np.ndarray:
-    """Token ids of a document, cached on disk by a hash of the text and the encoding."""
+    """Token ids of a document, cached on disk by a hash of the text and the encoding.
+
+    A cache is only a cache: an entry that cannot be read (empty or torn after a power loss, garbled)
+    or whose ids the tokenizer cannot have produced is rebuilt, and one that cannot be written (a full
+    or read-only disk) is skipped with a warning.
+    """
     key = hashlib.sha256(f"{encoding.name}:{encoding.n_vocab}\0{doc.text}".encode()).hexdigest()[:32]
     path = cache_dir / "tokens" / f"{key}.npy"
     if path.is_file():
-        try:
-            return np.load(path)
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # a torn cache file is rebuilt, not trusted
+        ids = _read_cached(path, encoding.n_vocab)
+        if ids is not None:
+            return ids
+        path.unlink(missing_ok=True)  # rebuilt below
     ids = np.asarray(encode(encoding, doc.text), dtype=np.uint16 if encoding.n_vocab <= 65536 else np.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # parallel workers may race here
-    np.save(partial, ids)
-    partial.replace(path)
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as handle:
+                np.save(handle, ids)
+                handle.flush()
+                os.fsync(handle.fileno())  # a power loss must not leave an empty file under the final name
+            partial.replace(path)
+    except DiskFault as fault:
+        partial.unlink(missing_ok=True)
+        print(f"warning: the token cache is not kept ({fault}); training goes on", file=sys.stderr)
+    return ids
+
+
+def _read_cached(path: Path, n_vocab: int) -> np.ndarray | None:
+    """The cached ids, or None when the entry is unreadable or holds ids outside the tokenizer's vocabulary."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
+        return None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or not ids.size or int(ids.max()) >= n_vocab or int(ids.min()) < 0:
+        return None
     return ids
 
 

@@ -106,13 +106,18 @@ class TrackedRun:
     def __enter__(self) -> TrackedRun:
         self._stack.enter_context(run_lock(self.local_dir, self.run_id))  # another process's run: UserError
         try:
+            write_run_record(self.local_dir, {"run_id": self.run_id, "tracking_uri": self.uri})
+            # first the tracker, which spools that this process took the run up: killed any time after
+            # the run shows RUNNING, a replay then knows the earlier process's end no longer holds
+            self.tracker = Tracker(self.client, self.run_id, self.local_dir)
             if self.run.info.status != "RUNNING":  # a run reopened to resume it
                 with_retries(lambda: self.client.update_run(self.run_id, status="RUNNING"))
-            write_run_record(self.local_dir, {"run_id": self.run_id, "tracking_uri": self.uri})
-            self.tracker = Tracker(self.client, self.run_id, self.local_dir)
         except BaseException:
-            with contextlib.suppress(Exception):  # no spool to end it through: end it directly, if the store lets us
-                self.client.set_terminated(self.run_id, "FAILED")
+            with contextlib.suppress(Exception):
+                if hasattr(self, "tracker"):  # the store refused RUNNING: end the run through the spool
+                    self.tracker.close("FAILED", timeout=5.0, notify=self.echo)
+                else:  # no spool to end it through: end it directly, if the store lets us
+                    self.client.set_terminated(self.run_id, "FAILED")
             self._stack.close()
             raise  # a full or read-only disk is a DiskFault: one line, exit 5
         return self
@@ -244,6 +249,9 @@ class TrackedRun:
             self.echo(f"stopped waiting for the tracking server; send the rest with: {replay}")
             raise
         if not delivered:
+            if disk_failed:  # the end may wait behind items the store's full disk refuses: send it first
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(self.run_id, self.status)
             self.message += f"{'; ' if self.message else ''}{self._undelivered(disk_failed)}"
         self.result = JobResult(
             self.run_id,
