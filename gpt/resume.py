@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint, metrics
@@ -25,7 +26,7 @@ from gpt.config import Config, apply_overrides, resumable_keys, validate
 from gpt.data import Corpus
 from gpt.errors import UserError
 from gpt.runs import NoCheckpoint, find_checkpoint, local_run_dir
-from gpt.store import check_tracking_uri, local_artifact_dir, open_client, resolve_tracking_uri, with_retries
+from gpt.store import check_tracking_uri, local_artifact_dir, resolve_tracking_uri, with_retries
 from gpt.tracking import Ending, Replayed, Spool, replay, run_meta, write_run_record
 from gpt.trainer import TrainState
 
@@ -51,6 +52,8 @@ class Resumption:
     def describe(self) -> str:
         """The line printed before training resumes."""
         epochs = self.cfg.train.epochs
+        if self.complete:
+            return f"run {self.run_id} already trained its {epochs} epochs: --resume ends it FINISHED, training nothing"
         if self.path is None:
             return f"restarting run {self.run_id} from epoch 1 of {epochs}: it saved no checkpoint"
         state = self.payload["state"]
@@ -180,7 +183,12 @@ def finish_complete(resumption: Resumption, cache_dir: Path) -> Replayed:
     and end it FINISHED, training nothing. UserError when the run is FINISHED already."""
     uri, run_id = resumption.tracking_uri, resumption.run_id
     epochs, done = resumption.cfg.train.epochs, resumption.payload["state"]["epoch"]
-    status = with_retries(lambda: open_client(uri).get_run(run_id)).info.status
+    try:
+        status = with_retries(lambda: MlflowClient(uri).get_run(run_id)).info.status
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(f"run {run_id} is not in {uri}; pass the --tracking-uri it was trained with") from None
+        raise
     if status == "FINISHED":
         raise UserError(
             f"run {run_id} already trained its {epochs} epochs; add --epochs N (more than {done}) to train it longer"

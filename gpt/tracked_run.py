@@ -157,13 +157,14 @@ class TrackedRun:
         try:
             try:
                 self._end_training(error)
-            except DiskFault as fault:  # a full or read-only disk: nothing more can be written
-                self._stop_writing(fault)
-            except BaseException as failure:  # a crash, or a second Ctrl-C
-                self._abort(failure)
-                if self.stopper.forced:  # whatever the signal interrupted (torch makes it a RuntimeError)
-                    raise SystemExit(self.stopper.forced) from None
-                raise
+            except BaseException as failure:
+                if isinstance(failure, DiskFault) and not self.stopper.forced:
+                    self._stop_writing(failure)  # a full or read-only disk: nothing more can be written
+                else:  # a crash, or a second Ctrl-C
+                    self._abort(failure)
+                    if self.stopper.forced:  # whatever the signal interrupted (torch makes it a RuntimeError)
+                        raise SystemExit(self.stopper.forced) from None
+                    raise
             self._deliver()
             return True
         finally:

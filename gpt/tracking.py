@@ -291,7 +291,7 @@ class Tracker:
         self._abandoned = threading.Event()
         self._closed = False
         self.before_close: list[Callable[[], None]] = []  # producers to stop before the run ends (system metrics)
-        self.end_unspooled = False  # close() could not spool the end: it was sent from memory
+        self.end_unspooled = self._end_sent = False  # close() could not spool the end: it is sent from memory
         self.last_error: str | None = None
         pending = self.spool.pending()
         if self.spool.unreadable:
@@ -362,8 +362,8 @@ class Tracker:
         self._put({"kind": "plot", "file": "loss_curve.png", "artifact_path": "plots", "title": title})
 
     def pending(self) -> int:
-        """Items spooled but not delivered yet."""
-        return self.spool.last_seq - self.spool.delivered()
+        """Items spooled but not delivered yet (and an end close() could not spool, until it is sent)."""
+        return self.spool.last_seq - self.spool.delivered() + (self.end_unspooled and not self._end_sent)
 
     def report(self, line: str) -> None:
         """Warn once per distinct line: a store that stays full must not print a line per retry."""
@@ -426,6 +426,7 @@ class Tracker:
             item = self._queue.get()
             if item is None or not self._send(item):
                 return
+            self._end_sent = self._end_sent or not item["seq"]
             try:
                 if item["seq"]:
                     self.spool.mark_delivered(item["seq"])

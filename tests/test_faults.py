@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RANKS, TINY_TRAIN, Training, run_train
+from conftest import RANKS, Training, run_train
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from test_resume import FAST as RESUMABLE
+from test_resume import STEPS_PER_EPOCH
 
 import gpt.checkpoint
 import gpt.trainer
@@ -43,17 +45,9 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
 ]
 
-# as tests/test_resume.py: 8 steps of batch 8 an epoch, step points every 3 steps, dropout on (so only a
-# resume that restores the random generators matches), a checkpoint at every epoch's end
-FAST = [
-    *TINY_TRAIN,
-    "--set", "model.dropout=0.1",
-    "--set", "data.stride=64",
-    "--set", "train.batch_size=8",
-    "--set", "train.log_every_steps=3",
-    "--epochs", "2",
-]  # fmt: skip
-STEPS_PER_EPOCH = 8
+# tests/test_resume.py's runs (8 steps of batch 8 an epoch, step points every 3 steps, dropout on: only a
+# resume that restores the random generators matches; a checkpoint at every epoch's end), 2 epochs
+FAST = [*RESUMABLE, "--epochs", "2"]
 CURVES = ("train_loss", "val_loss", "tokens_seen", "train_loss_step", "best_val_loss")
 # Each end of a run logs its summary at its best epoch: a run that failed after epoch 1 and was then
 # resumed holds best_val_loss at step 1 and at step 2, each once; the last is the undisturbed run's.
