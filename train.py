@@ -159,11 +159,12 @@ def _replay(folder: Path, tracking_uri: str | None) -> None:
     """--replay: send a run's spool (one process: a spool belongs to one run)."""
     from gpt import distributed
     from gpt.resume import replay_run
+    from gpt.tracking import lines
 
     if distributed.from_environment().active:
         raise UserError("--replay sends a run's spool and trains nothing; run it without torchrun")
     replayed = replay_run(folder, tracking_uri)
-    skipped = f" ({replayed.unreadable} unreadable lines skipped)" if replayed.unreadable else ""
+    skipped = f" ({lines(replayed.unreadable, 'unreadable line')} skipped)" if replayed.unreadable else ""
     ended = f"; the run is now {replayed.status}" if replayed.status else ""
     click.echo(f"replayed {replayed.sent} spooled items of run {replayed.run_id}{skipped}{ended}")
 

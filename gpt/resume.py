@@ -151,7 +151,7 @@ def summary_points(spool: Spool, best_val_loss: float, best_epoch: int) -> list[
     return [(key, value, best_epoch, now) for key, value in wanted if (key, best_epoch, value) not in logged]
 
 
-def ending(local_dir: Path, client: MlflowClient, run_id: str) -> Ending:
+def ending_from_checkpoint(local_dir: Path, client: MlflowClient, run_id: str) -> Ending:
     """How a run whose process died ends (gpt.tracking.replay): FINISHED, with its summary, when its last
     checkpoint completed its epochs; FAILED otherwise (`--resume` continues it, or starts it again)."""
     path = local_dir / "checkpoints" / "last.pt"  # remote stores keep checkpoints here until the end
@@ -175,7 +175,7 @@ def ending(local_dir: Path, client: MlflowClient, run_id: str) -> Ending:
 
 def replay_run(local_dir: Path, tracking_uri: str | None = None) -> Replayed:
     """`train.py --replay`: deliver a run's spool and, if its process died, end it as its checkpoint says."""
-    return replay(local_dir, tracking_uri, ending=functools.partial(ending, local_dir))
+    return replay(local_dir, tracking_uri, ending=functools.partial(ending_from_checkpoint, local_dir))
 
 
 def finish_complete(resumption: Resumption, cache_dir: Path) -> Replayed:
@@ -196,7 +196,7 @@ def finish_complete(resumption: Resumption, cache_dir: Path) -> Replayed:
     local = local_run_dir(uri, cache_dir, run_id)
     if not (local / "run.json").is_file():  # resumed on another machine than it trained on
         write_run_record(local, {"run_id": run_id, "tracking_uri": uri})
-    return replay(local, uri, ending=functools.partial(ending, local), always_end=True)
+    return replay(local, uri, ending=functools.partial(ending_from_checkpoint, local), always_end=True)
 
 
 def check_same_data(payload: dict[str, Any], corpus: Corpus) -> None:

@@ -232,16 +232,19 @@ class TrackedRun:
         """Send the summary, remote checkpoints and end status; wait for delivery; build the result."""
         self.stopper.immediate = True  # training is over: a signal now only stops the wait for delivery
         s = self.trainer.state
-        disk_failed = self.exit_code == DiskFault.exit_code
+        disk_failed = self.exit_code == DiskFault.exit_code  # then nothing but the end is written
         try:
-            self.tracker.log_points(summary_points(self.tracker.spool, s.best_val_loss, s.best_epoch))
+            if not disk_failed:
+                self.tracker.log_points(summary_points(self.tracker.spool, s.best_val_loss, s.best_epoch))
             if self.artifacts is None and not disk_failed:  # a remote artifact store: upload the checkpoints once
                 for name in sorted(self.checkpoints.written):
                     self.tracker.log_file(self.checkpoint_folder / name, "checkpoints", snapshot=False)
-        except DiskFault as fault:  # the training is saved; its summary waits for the next resume
-            if not disk_failed:
-                self.exit_code, disk_failed = DiskFault.exit_code, True
-                self.message += f"{'; ' if self.message else ''}{fault}: the run's summary was not logged"
+        except DiskFault as fault:  # the training is saved; what is missing comes with the next resume
+            self.exit_code, disk_failed = DiskFault.exit_code, True
+            self.message += (
+                f"{'; ' if self.message else ''}{fault}: the run's summary was not logged; once there is room, "
+                f"python train.py --resume {self.run_id} logs it"
+            )
         try:
             timeout = min(self.tracker.timeout, DISK_FAULT_WAIT_S) if disk_failed else None
             delivered = self.tracker.close(self.status, timeout=timeout, notify=self.echo)

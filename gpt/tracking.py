@@ -296,8 +296,8 @@ class Tracker:
         pending = self.spool.pending()
         if self.spool.unreadable:
             self.report(
-                f"warning: {self.spool.unreadable} unreadable lines of {self.spool.journal} were skipped "
-                "(damaged on disk); everything else is delivered"
+                f"warning: {lines(self.spool.unreadable, 'unreadable line')} of {self.spool.journal} "
+                "skipped (damaged on disk); everything else is delivered"
             )
         for item in pending:  # left by an earlier process of this run
             if item["kind"] != "end":  # that process ended the run; this one is continuing it
@@ -467,6 +467,11 @@ def clear_staged(item: dict[str, Any], local_dir: Path) -> None:
     staged = Path(item.get("path", ""))
     if item["kind"] in ("artifact", "model") and staged.parent.parent == local_dir / "outbox":
         shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+def lines(count: int, what: str) -> str:
+    """'1 unreadable line', '2 unreadable lines'."""
+    return f"{count} {what}{'' if count == 1 else 's'}"
 
 
 def _one_line(exc: BaseException) -> str:

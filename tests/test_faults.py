@@ -462,12 +462,12 @@ def test_corrupt_spool_skips_unreadable_lines_and_replay_and_resume_go_on(store,
 
     assert code == 0, output
     sent = len(lines) - 1  # every line but the garbled one
-    expected = f"replayed {sent} spooled items of run {run_id} (1 unreadable lines skipped); the run is now KILLED"
+    expected = f"replayed {sent} spooled items of run {run_id} (1 unreadable line skipped); the run is now KILLED"
     assert output.strip() == expected, output
     code, output = train(store, "--resume", run_id)
 
     assert code == 0, output
-    assert f"warning: 1 unreadable lines of {spool} were skipped" in output
+    assert f"warning: 1 unreadable line of {spool} skipped (damaged on disk)" in output
     assert_recovered(store, run_id, reference, output)
 
 
