@@ -140,16 +140,17 @@ class TrackedRun:
         write_run_record(self.local_dir, {**record, "data": checkpoints.extra.get("data", [])})
 
     def _staging(self) -> Path | None:
-        """Where checkpoints are written before they are renamed into a local artifact folder: the run's
-        local folder, if on the same file system (a rename cannot cross one), so that MLflow never lists
-        a partial file. None (beside the checkpoint) when they are not artifacts, or on another disk."""
+        """Where checkpoints are written before they are renamed into a local artifact folder, so that MLflow
+        never lists a partial file: the run's local folder if on the same file system (a rename cannot cross
+        one), else beside the artifact folder (outside what MLflow lists). None when checkpoints are not
+        artifacts (a remote store: they are uploaded once, complete)."""
         if self.artifacts is None:
             return None
         existing = self.artifacts
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         same_disk = os.stat(existing).st_dev == os.stat(self.local_dir).st_dev
-        return self.local_dir / "partial" if same_disk else None
+        return self.local_dir / "partial" if same_disk else self.artifacts.parent / "partial"
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None

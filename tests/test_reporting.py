@@ -214,9 +214,9 @@ def test_a_checkpoint_is_never_ahead_of_the_spooled_metrics(
     reporter, tracker = make_reporter(tmp_path, clock, "train.sample_every=0")
     save = reporting.checkpoint.save
 
-    def recorded_save(path: Path, payload: dict[str, Any]) -> Path:
+    def recorded_save(path: Path, payload: dict[str, Any], *args: Any) -> Path:
         tracker.events.append(("save", path.name))
-        return save(path, payload)
+        return save(path, payload, *args)
 
     monkeypatch.setattr(reporting.checkpoint, "save", recorded_save)
     trainer = tiny_trainer()
