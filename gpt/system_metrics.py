@@ -20,6 +20,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from gpt.errors import DiskFault
+
 if TYPE_CHECKING:
     from gpt.tracking import Tracker
 
@@ -74,7 +76,12 @@ class SystemMetrics:
             logging.getLogger(__name__).warning("system metrics reading failed: %s", exc)
             return
         now = int(time.time() * 1000)
-        self.tracker.log_points([(self.prefix + key, float(value), self.step, now) for key, value in values.items()])
+        points = [(self.prefix + key, float(value), self.step, now) for key, value in values.items()]
+        try:
+            self.tracker.log_points(points)
+        except DiskFault as fault:  # the spool's disk is full or read-only: training stops at its own next write
+            self.tracker.report(f"warning: system metrics are not spooled ({fault})")
+            return
         self.step += 1
         self.last_reading = time.monotonic()
 
