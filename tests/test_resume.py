@@ -274,11 +274,12 @@ def default_checkpoints(args: list[str]) -> list[str]:
     return [a for i, a in enumerate(args) if i not in drop and i + 1 not in drop]
 
 
-def test_a_run_killed_after_epoch_2_of_6_with_default_checkpoints_resumes_to_the_same_curves(tmp_path: Path) -> None:
-    """Issue 17: the default policy writes last.pt as often as it costs at most ~5% of the time (these
-    ~4 s epochs: every epoch or two), so a kill loses little; epochs trained again after the resume
-    are not logged twice."""
-    # 16 steps an epoch (~4 s here): longer than the first write's estimated 20x cost, so epoch 1 is saved
+def test_a_run_killed_after_its_first_default_checkpoint_resumes_to_the_same_curves(tmp_path: Path) -> None:
+    """Issue 17: the default policy writes last.pt as often as it costs at most ~5% of the time (epochs
+    of a few seconds: every epoch or two, by the measured write), so a kill loses little; epochs trained
+    again after the resume are not logged twice. The kill comes right after the first write is
+    announced: when that is depends on this machine's speed (an epoch line is printed before its
+    write, so killing at "epoch 2/6" would race the write)."""
     args = [*default_checkpoints(FAST), "--set", "data.stride=32", "--epochs", "6"]
     reference_uri = f"sqlite:///{tmp_path}/reference/mlflow.db"
     code, output = run_train([*args, "--tracking-uri", reference_uri])
@@ -288,12 +289,12 @@ def test_a_run_killed_after_epoch_2_of_6_with_default_checkpoints_resumes_to_the
 
     uri = f"sqlite:///{tmp_path}/killed/mlflow.db"
     training = Training([*args, "--tracking-uri", uri], cwd=tmp_path)
-    training.wait_for("epoch 2/6")
+    training.wait_for("checkpoint: last.pt written in")
     training.process.send_signal(signal.SIGKILL)
     training.finish()
     run_id = only_run(uri)
     saved = checkpoint.load(find_checkpoint(run_id, "last", uri))["state"]["epoch"]
-    assert saved in (1, 2), f"a checkpoint of epoch 1 or 2 should exist after the kill, found epoch {saved}"
+    assert 1 <= saved < 6, f"a checkpoint of an epoch before the last should exist after the kill, found {saved}"
 
     code, output = run_train(["--resume", run_id, "--tracking-uri", uri])
 
