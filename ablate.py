@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import click
 from mlflow.tracking import MlflowClient
 
-from gpt.ablation.grid import CORPUS_KEYS, expand, format_plan, plan_rows
+from gpt.ablation.grid import CORPUS_KEYS, Cell, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
-from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
+from gpt.ablation.identity import cell_digests
+from gpt.ablation.runner import RunnerOptions, close_parent, run_grid, stop_parent
 from gpt.ablation.slurm import SlurmOptions, check, job_script
 from gpt.ablation.workers import parse_shard
 from gpt.cli import friendly_errors
@@ -73,9 +75,13 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT)
 @grid_options
+@click.option(
+    "--tracking-uri",
+    help="Store whose finished runs time the cells (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).",
+)
 @friendly_errors
-def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir) -> None:
-    """Print the grid's cells with parameters, tokens per epoch and FLOPs; run nothing."""
+def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, tracking_uri) -> None:
+    """Print the grid's cells with parameters, tokens per epoch, FLOPs and measured time; run nothing."""
     spec, cells, skipped, corpus, _, _ = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
@@ -84,7 +90,25 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
         click.echo("(the grid varies the data, so token counts are per cell and not shown)")
         click.echo("\n".join(f"{c.name}  {c.cell_id}" for c in cells))
         return
-    click.echo(format_plan(plan_rows(cells, len(corpus.train), len(corpus.val)), skipped))
+    rows = plan_rows(cells, len(corpus.train), len(corpus.val))
+    base_ids = frozenset(c.cell_id for c in cells if c.levels == spec.base_levels())
+    click.echo(format_plan(rows, skipped, base_ids, cell_estimates(cells, rows, resolve_tracking_uri(tracking_uri))))
+
+
+def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, str]:
+    """Cell id -> estimated training time from finished runs of the same shape (gpt.ablation.estimate)."""
+    from gpt.ablation.estimate import format_duration, measured_speeds
+    from gpt.trainer import resolve_device
+
+    device = str(resolve_device(cells[0].config.train.device)) if cells else "cpu"
+    speeds = measured_speeds(uri, cells, device)
+    estimates = {}
+    for row in rows:
+        speed = speeds.get(row["cell_id"])
+        if speed is not None:
+            seconds = row["tokens_per_epoch"] * row["epochs"] / speed.tokens_per_second
+            estimates[row["cell_id"]] = f"{format_duration(seconds)} ({speed.runs} run{'s' * (speed.runs > 1)})"
+    return estimates
 
 
 @main.command(context_settings=CONTEXT)
@@ -103,7 +127,7 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
 def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
         workers, gpus, per_gpu, shard, target_loss, out_dir) -> None:  # fmt: skip
     """Train every cell of a grid (skipping finished ones), then compare them."""
-    spec, cells, skipped, _, cache, tokenizer_file = build_cells(
+    spec, cells, skipped, corpus, cache, tokenizer_file = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
     if not cells:
@@ -123,8 +147,18 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         per_gpu=per_gpu,
         shard=parse_shard(shard),
         echo=click.echo,
+        digests=cell_digests(cells, cache, corpus),
     )
     outcome = run_grid(spec, cells, skipped, options)
+    if outcome.stopped:
+        stop_parent(uri, outcome.parent_run_id)
+        killed = sum(o.status == "KILLED" for o in outcome.outcomes)
+        click.echo(
+            f"grid stopped by {signal.Signals(outcome.stopped).name}: {killed} running cell(s) ended KILLED with a "
+            f"checkpoint, the others did not start; the parent run ends KILLED. Run the same command again to go on."
+        )
+        click.echo(f"parent_run_id: {outcome.parent_run_id}")
+        raise SystemExit(128 + outcome.stopped)
     if outcome.complete:
         try:
             report(outcome.parent_run_id, uri, target_loss, out_dir)
