@@ -24,7 +24,7 @@ from gpt.ablation.analysis import Analysis, analyze, fetch_grid
 from gpt.ablation.cautions import cautions
 from gpt.ablation.effects import MEASURE_BY_KEY
 from gpt.ablation.grid import default_grid_name, si, table_lines
-from gpt.ablation.verdict import fixed_settings, interval, signed, verdict
+from gpt.ablation.verdict import fixed_settings, flops_text, interval, signed, verdict
 from gpt.errors import UserError
 
 
@@ -191,7 +191,8 @@ def _setup(analysis: Analysis) -> list[str]:
     ]
     seeds = sorted(analysis.runs["seed"].astype(str).unique(), key=lambda s: (len(s), s))
     lines = [
-        f"- Design: {grid.design}; factors: {'; '.join(factors)}; seeds {', '.join(seeds)}; grid id `{grid.grid_id}`.",
+        f"- Design: {grid.design}; factors: {'; '.join(factors)}; seeds {', '.join(seeds)}"
+        + (f"; grid id `{grid.grid_id}`." if grid.grid_id else "."),
         *_data_lines(analysis),
         f"- Target val loss **{analysis.target_loss:.4f} nats** ({analysis.target_source}), for tokens/FLOPs to "
         "target.",
@@ -204,8 +205,9 @@ def _setup(analysis: Analysis) -> list[str]:
         )
     if math.isfinite(where.flops.value):
         lines.append(
-            f"- Matched FLOPs: the same at **{where.flops.value:.3g} training FLOPs** (FLOPs per token × tokens; "
-            "6 per non-embedding parameter and head weight plus attention), for factors that change the model size."
+            f"- Matched FLOPs: the same at **{flops_text(where.flops.value)} training FLOPs** (FLOPs per token × "
+            "tokens; 6 per non-embedding parameter and head weight plus attention), for factors that change the model "
+            "size."
         )
     lines.append(f"- Equal epochs: val loss at epoch **{where.epoch}**, the last that every run evaluated.")
     fixed = fixed_settings(analysis)

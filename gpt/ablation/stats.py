@@ -153,21 +153,21 @@ def fit_convergence(tokens: Sequence[float], loss: Sequence[float]) -> Convergen
     _, (a, b, c), cov = best
     with np.errstate(invalid="ignore"):
         se = np.sqrt(np.diag(cov))
-    problem = _unidentified(a, c, se, high, high - low)
+    problem = _unidentified(a, b, c, se, high, high - low)
     if problem:
         return ConvergenceFit(**failed, error=problem)
     return ConvergenceFit(float(a), float(b * t[0] ** c), float(c), float(se[0]), float(se[2]))
 
 
 C_BOUNDS = (1e-3, 10.0)  # the rate c is searched in this range
-_AT_BOUND = 1e-4  # relative distance from a bound within which an estimate sits on it
+_AT_BOUND = 1e-3  # relative distance from a bound within which an estimate sits on it
 
 
-def _unidentified(a: float, c: float, se: np.ndarray, highest: float, span: float) -> str:
+def _unidentified(a: float, b: float, c: float, se: np.ndarray, highest: float, span: float) -> str:
     """Why a least-squares power-law fit is no result ('' if it is one).
 
     An estimate that sits on a bound of the search (the asymptote at 0 or at the highest loss, the
-    rate at either end of C_BOUNDS) is where the optimizer was stopped, not a minimum; and where
+    rate at either end of C_BOUNDS, no decay at all) is where the optimizer was stopped, not a minimum; and where
     the standard errors are undefined or as large as the estimates, the data do not determine the
     parameters (too few points, or a curve that has not bent yet).
     """
@@ -175,7 +175,9 @@ def _unidentified(a: float, c: float, se: np.ndarray, highest: float, span: floa
         return "not identified: the asymptote a sits on its bound 0 (the curve has not flattened yet)"
     if a >= highest * (1 - _AT_BOUND):
         return "not identified: the asymptote a sits at the highest loss (no decay to fit)"
-    if c <= C_BOUNDS[0] * (1 + _AT_BOUND) or c >= C_BOUNDS[1] * (1 - _AT_BOUND):
+    if b <= _AT_BOUND * span:
+        return "not identified: the amplitude b sits on its bound 0 (the loss does not decay)"
+    if c <= C_BOUNDS[0] * (1 + 10 * _AT_BOUND) or c >= C_BOUNDS[1] * (1 - _AT_BOUND):
         return f"not identified: the rate c sits on its bound {C_BOUNDS[0] if c < 1 else C_BOUNDS[1]:g}"
     if not np.all(np.isfinite(se)):
         return "not identified: the fit's covariance is singular (standard errors undefined)"

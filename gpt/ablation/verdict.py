@@ -79,6 +79,26 @@ def _level_ratio(analysis: Analysis, factor: str, level: str, column: str) -> fl
     return float(medians.get(level, math.nan) / base) if base else math.nan
 
 
+def flops_text(flops: float) -> str:
+    """4.1e11: FLOPs in the notation of papers."""
+    mantissa, exponent = f"{flops:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _interactions(analysis: Analysis, factor: str) -> str:
+    """'; its effect depends on lr (interaction, p_Holm = 2e-18)' for each significant interaction of the ANOVA."""
+    if not len(analysis.anova):
+        return ""
+    short = short_keys(analysis.grid.factors)
+    parts = []
+    for _, row in analysis.anova.iterrows():
+        terms = row["term"].split(" × ")
+        if len(terms) == 2 and factor in terms and row["p_holm"] < ALPHA:
+            other = terms[1] if terms[0] == factor else terms[0]
+            parts.append(f"its effect depends on {short[other]} (interaction, p_Holm = {row['p_holm']:.2g})")
+    return "".join(f"; {part}" for part in parts)
+
+
 def _rows(analysis: Analysis, factor: str, level: str) -> dict[str, pd.Series]:
     table = analysis.comparisons
     chosen = table[(table["factor"] == factor) & (table["level"] == level)]
@@ -103,7 +123,9 @@ def _compute_parts(analysis: Analysis, rows: dict[str, pd.Series], factor: str, 
     where, parts = analysis.matching, []
     if "flops" in rows and math.isfinite(rows["flops"]["estimate"]):
         flops = rows["flops"]
-        parts.append(f"{_judgement(flops, 'per FLOP')}, {loss_phrase(flops, f'at {where.flops.value:.3g} FLOPs')}")
+        parts.append(
+            f"{_judgement(flops, 'per FLOP')}, {loss_phrase(flops, f'at {flops_text(where.flops.value)} FLOPs')}"
+        )
     tokens = rows["tokens"]
     if math.isfinite(tokens["estimate"]):
         parts.append(f"{_judgement(tokens, 'per token')}, {loss_phrase(tokens, f'at {si(where.tokens.value)} tokens')}")
@@ -128,8 +150,11 @@ def level_sentence(analysis: Analysis, factor: str, level: str) -> str:
         parts.append(f"{size:.2g}x the non-embedding parameters")
     ranked = [rows[key] for key in ("flops", "tokens", "epochs") if key in rows]
     primary = next((row for row in ranked if math.isfinite(row["estimate"])), ranked[-1])
-    action = _action(primary, base, level, wall)
-    return f"{short} {level} vs {base}: {'; '.join(parts) or 'no comparison'}{_still(analysis, factor, level)}{action}"
+    action = _action(primary, f"{short}={base}", f"{short}={level}", wall)
+    text = "; ".join(parts) or "no comparison"
+    return (
+        f"{short} {level} vs {base}: {text}{_interactions(analysis, factor)}{_still(analysis, factor, level)}{action}"
+    )
 
 
 def _still(analysis: Analysis, factor: str, level: str) -> str:
@@ -138,7 +163,8 @@ def _still(analysis: Analysis, factor: str, level: str) -> str:
     improving = int(involved["still_improving"].fillna(False).sum())
     if not improving:
         return ""
-    return f" ({improving} of these {len(involved)} runs still improving at epoch {analysis.matching.epoch})"
+    how_many = "all" if improving == len(involved) else f"{improving} of {len(involved)}"
+    return f" ({how_many} still improving at epoch {analysis.matching.epoch})"
 
 
 def verdict(analysis: Analysis) -> list[str]:
