@@ -266,13 +266,15 @@ def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
 
 def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str | None) -> None:
     from gpt.ablation.report import compare as analyse  # pandas/scipy load only when needed
+    from gpt.ablation.report import grid_link
 
     folder = Path(out_dir) if out_dir else (sqlite_folder(uri) or default_cache_dir()) / "reports" / parent_run_id
     table, files = analyse(parent_run_id, folder, uri, target_loss)
     click.echo(table)
-    click.echo(f"report: {folder / 'report.md'} (also on the parent run in MLflow)")
+    click.echo(f"report: {folder / 'report.md'} and report.html (also on the parent run in MLflow)")
     experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
-    click.echo(f"browse: {ui_link(uri, experiment_id, parent_run_id)}")
+    click.echo(f"browse the grid's runs: {grid_link(uri, experiment_id, parent_run_id)}")
+    click.echo(f"browse the report: {ui_link(uri, experiment_id, parent_run_id)}")
 
 
 def parse_gpus(text: str | None) -> list[int]:

@@ -413,9 +413,10 @@ def test_the_report_and_each_childs_summary_metrics_land_in_mlflow(planted):
     assert {"plots/comparisons.png"} <= {a.path for a in client.list_artifacts(parent_id, "plots")}
     child = client.get_run(result.runs["run_id"].iloc[0])
     row = result.runs.iloc[0]
-    assert child.data.metrics["val_loss_at_matched_tokens"] == pytest.approx(row["val_at_tokens"])
-    assert child.data.metrics["tokens_to_target"] == pytest.approx(row["tokens_to_target"])
-    assert {"best_val_loss", "best_epoch", "val_loss_at_common_epoch", "final_val_loss"} <= set(child.data.metrics)
+    assert child.data.metrics["summary/val_loss_at_matched_tokens"] == pytest.approx(row["val_at_tokens"])
+    assert child.data.metrics["summary/tokens_to_target"] == pytest.approx(row["tokens_to_target"])
+    summaries = {"best_val_loss", "best_epoch", "summary/val_loss_at_common_epoch", "summary/final_val_loss"}
+    assert summaries <= set(child.data.metrics)
     assert child.data.params["factor.data.stride"] == row["data.stride"], "the level as a param, for MLflow's compare"
     assert child.data.params["non_embedding_params"] == str(3242752 - 2 * 50257 * 32 - 32 * 32)
 

@@ -48,6 +48,26 @@ def title(analysis: Analysis) -> str:
     return name if name == varies else f"{name}: {varies}"
 
 
+def grid_link(tracking_uri: str, experiment_id: str, parent_run_id: str) -> str:
+    """A link to the MLflow UI's runs list showing the grid's child runs (sortable by their summary metrics)."""
+    import urllib.parse
+
+    from gpt.store import ui_link
+
+    run_link = ui_link(tracking_uri, experiment_id, parent_run_id)
+    base = run_link.split("/#/")[0]
+    query = urllib.parse.urlencode(
+        {
+            "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            "orderByKey": "metrics.`summary/val_loss_at_matched_tokens`",
+            "orderByAsc": "true",
+            "workflowType": "machine_learning",
+        },
+        quote_via=urllib.parse.quote,
+    )
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
 def _headline(analysis: Analysis) -> str:
     grid = analysis.grid
     text = f"{title(analysis)} (parent run {grid.parent_run_id}): {len(grid.runs)} finished runs in "
