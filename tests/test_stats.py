@@ -132,6 +132,16 @@ def test_a_fit_on_a_bound_is_not_reported():
     assert math.isnan(fit.a)
 
 
+def test_a_fit_starts_at_the_steepest_drop_which_is_the_start_of_a_power_law():
+    assert stats.steepest_drop(TOKENS, LOSS) == 0, "a power law falls fastest per log token at its start"
+    # a plateau at the unigram loss, then faster learning, then a power law: the fit must start at the drop
+    plateau = [6.70, 6.60, 6.50, 6.30, *(3.0 + 950.0 * TOKENS[4:] ** -0.5)]
+    start = stats.steepest_drop(TOKENS, plateau)
+    assert start == 4, "the first point after the fall from the plateau"
+    fit = stats.fit_convergence(TOKENS[start:], plateau[start:])
+    assert fit.a == pytest.approx(3.0, abs=1e-3)
+
+
 # ---------------------------------------------------------------- multiple tests and ANOVA, against the libraries
 
 

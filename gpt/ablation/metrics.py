@@ -17,7 +17,7 @@ import pandas as pd
 from gpt.ablation.fetch import STEP_METRIC, RunData
 from gpt.ablation.matched import Budget, common_budget, loss_at
 from gpt.ablation.sizes import non_embedding_from_params
-from gpt.ablation.stats import ConvergenceFit, first_crossing, fit_convergence, overfit_epoch
+from gpt.ablation.stats import ConvergenceFit, first_crossing, fit_convergence, overfit_epoch, steepest_drop
 
 # A run whose last evaluation lowered val loss by more than this was still improving when it stopped.
 IMPROVING_TOLERANCE = 0.01  # nats
@@ -56,6 +56,8 @@ RUN_COLUMNS = (
     "fit_c",
     "fit_c_se",
     "fit_error",
+    "fit_from_epoch",
+    "fit_to_epoch",
     "step_fit_a",
     "step_fit_a_se",
     "step_fit_c",
@@ -90,15 +92,23 @@ def _flops(run: RunData, tokens: pd.Series) -> pd.Series:
 
 
 def _step_fit(run: RunData) -> dict[str, float | str]:
-    """L(t) = a + b t^-c on the per-step training losses (after the first logged step: the initial transient)."""
+    """L(t) = a + b t^-c on the per-step training losses, from the epoch of the steepest drop of the epoch means.
+
+    The first logged step is always left out: it holds the initial transient from the uniform loss.
+    """
     steps = run.steps.dropna()
-    tokens_per_step = _param(run, "tokens_per_epoch") / _param(run, "steps_per_epoch")
+    steps_per_epoch = _param(run, "steps_per_epoch")
+    tokens_per_step = _param(run, "tokens_per_epoch") / steps_per_epoch
     if steps.empty:
         fit = ConvergenceFit(math.nan, math.nan, math.nan, math.nan, math.nan, f"no {STEP_METRIC} logged")
     elif not math.isfinite(tokens_per_step):
         fit = ConvergenceFit(math.nan, math.nan, math.nan, math.nan, math.nan, "no steps_per_epoch param")
     else:
-        fit = fit_convergence(steps.index[1:].to_numpy(float) * tokens_per_step, steps.to_numpy()[1:])
+        train = run.curves[["tokens_seen", "train_loss"]].dropna()
+        start_epoch = int(train.index[steepest_drop(train["tokens_seen"], train["train_loss"])]) if len(train) else 1
+        steps = steps.iloc[1:]
+        steps = steps[steps.index > (start_epoch - 1) * steps_per_epoch]
+        fit = fit_convergence(steps.index.to_numpy(float) * tokens_per_step, steps.to_numpy())
     return {
         "step_fit_a": fit.a,
         "step_fit_a_se": fit.a_se,
@@ -128,8 +138,9 @@ def run_metrics(run: RunData, target: float) -> dict[str, float | str]:
     tps = curves["tokens_per_second"].dropna()
     wall = float(curves["wall_seconds"].max())
     over = overfit_epoch(val.index, val.to_numpy())
-    # a curve that turned upward is no power law past its minimum: fit the part that converges
+    # a curve that turned upward is no power law past its minimum, nor before its steepest drop: fit between
     fitted = at_val if over is None else at_val.loc[:over]
+    fitted = fitted.iloc[steepest_drop(fitted["tokens_seen"], fitted["val_loss"]) :]
     fit = fit_convergence(fitted["tokens_seen"], fitted["val_loss"])
     improvement = float(val.iloc[-2] - val.iloc[-1]) if len(val) > 1 else math.nan
     return {
@@ -158,6 +169,8 @@ def run_metrics(run: RunData, target: float) -> dict[str, float | str]:
         "fit_c": fit.c,
         "fit_c_se": fit.c_se,
         "fit_error": fit.error,
+        "fit_from_epoch": int(fitted.index[0]) if len(fitted) else math.nan,
+        "fit_to_epoch": int(fitted.index[-1]) if len(fitted) else math.nan,
         **_step_fit(run),
     }
 

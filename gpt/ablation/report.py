@@ -168,12 +168,13 @@ def _fit_cell(a: float, a_se: float, c: float, c_se: float, error: str) -> tuple
 
 def _fit_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     factors = analysis.grid.factors
-    header = ["run", *factors, "seed", "val per epoch: a, c", "val fit", "train per step: a, c", "train fit"]
+    header = ["run", *factors, "seed", "val epochs", "val: a, c", "val fit", "train per step: a, c", "train fit"]
     rows = []
     for _, r in analysis.runs.iterrows():
         val = _fit_cell(r["fit_a"], r["fit_a_se"], r["fit_c"], r["fit_c_se"], r["fit_error"] or "")
         step = _fit_cell(r["step_fit_a"], r["step_fit_a_se"], r["step_fit_c"], r["step_fit_c_se"], r["step_fit_error"])
-        rows.append([r["run_name"], *(str(r[f]) for f in factors), str(r["seed"]), *val, *step])
+        epochs = f"{r['fit_from_epoch']:.0f}–{r['fit_to_epoch']:.0f}" if np.isfinite(r["fit_from_epoch"]) else ""
+        rows.append([r["run_name"], *(str(r[f]) for f in factors), str(r["seed"]), epochs, *val, *step])
     return header, rows
 
 
@@ -305,10 +306,12 @@ def report_markdown(analysis: Analysis, plot_files: list[str]) -> str:
     lines += [
         "## Convergence fits",
         "",
-        "L(t) = a + b·t^(−c) over training tokens t, per run, on the val loss of each epoch (a run that overfits up "
-        "to its best epoch) and on the training loss of every logged step (after the first): a is the asymptotic "
-        "loss, c the rate, ± one standard error. A fit whose estimate sits on a bound of its search or whose errors "
-        "are as large as its estimates is not identified and not reported.",
+        "L(t) = a + b·t^(−c) over training tokens t, per run, on the val loss of each epoch and on the training loss "
+        "of every logged step: a is the asymptotic loss, c the rate, ± one standard error. A power law falls ever "
+        "more slowly per log token, so each fit starts at the curve's steepest drop (after a plateau, small models "
+        "often speed up first) and a val fit ends at the best epoch of a run that overfits. A fit whose estimate "
+        "sits on a bound of its search or whose errors are as large as its estimates is not identified and not "
+        "reported.",
         "",
         _markdown(*_fit_rows(analysis)),
         "",

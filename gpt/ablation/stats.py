@@ -99,6 +99,23 @@ def overfit_epoch(epochs: Sequence[int], val_loss: Sequence[float], tolerance: f
     return int(e[best]) if np.any(y[best + 1 :] > y[best] + tolerance) else None
 
 
+def steepest_drop(x: Sequence[float], loss: Sequence[float]) -> int:
+    """Where a power-law fit of a loss curve starts: 0, or the first point after a later steepest fall per log(x).
+
+    L(t) = a + b t^-c falls ever more slowly per log t (its slope is -c b t^-c), so on a power law
+    the steepest fall is the first and the fit takes every point. Small models often sit on a
+    plateau (the unigram loss) and then learn faster for a while: that part is no power law, and
+    the fit starts after the steepest fall, where the curve decelerates (0 for fewer than 2 points).
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(loss, dtype=float)
+    if len(x) < 2:
+        return 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = -np.diff(y) / np.diff(np.log(x))
+    steepest = int(np.argmax(np.where(np.isfinite(slope), slope, -np.inf)))
+    return 0 if steepest == 0 else steepest + 1
+
+
 def _power_law(s: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
     return a + b * s ** (-c)
 
