@@ -126,7 +126,11 @@ def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, s
 @friendly_errors
 def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
         workers, gpus, per_gpu, shard, target_loss, out_dir) -> None:  # fmt: skip
-    """Train every cell of a grid (skipping finished ones), then compare them."""
+    """Train every cell of a grid (skipping finished ones), then compare them.
+
+    Exit codes: 0 done, 1 a cell failed, 2 bad input, 130/143 stopped by Ctrl-C/SIGTERM (run the
+    same command again to go on).
+    """
     spec, cells, skipped, corpus, cache, tokenizer_file = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )

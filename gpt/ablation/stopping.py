@@ -17,6 +17,9 @@ import signal
 import threading
 from typing import Any
 
+from gpt.signals import _notice as notice  # writes from a signal handler
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested = 0  # the first signal's number in this process, 0 until one arrives
 
 
@@ -31,14 +34,6 @@ def request(number: int) -> None:
     _requested = _requested or number
 
 
-def _notice(text: str) -> None:
-    """Write from a signal handler: print() could re-enter a write the handler interrupted."""
-    try:
-        os.write(2, text.encode())
-    except OSError:
-        pass
-
-
 class GridStop:
     """Signal handlers of the grid's process while it runs cells (main thread only; elsewhere a no-op)."""
 
@@ -50,17 +45,12 @@ class GridStop:
         global _requested
         _requested = 0  # a grid run earlier in this process (tests) must not stop this one
         if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self.previous[number] = signal.signal(number, self._handle)
+            self.previous = {number: signal.signal(number, self._handle) for number in SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + requested() if requested() else 0
 
     def _handle(self, number: int, frame: object) -> None:
         self.count += 1
@@ -71,7 +61,7 @@ class GridStop:
             except ProcessLookupError:
                 pass
         if self.count == 1:
-            _notice(
+            notice(
                 "\nstopping the grid: running cells stop after their step with a checkpoint and end KILLED, no new "
                 "cell starts; press Ctrl-C again to stop at once\n"
             )
@@ -85,5 +75,5 @@ def worker_signals() -> None:
     While the worker trains a cell, StopOnSignal replaces this handler and stops the training itself.
     """
     os.setpgid(0, 0)
-    for number in (signal.SIGINT, signal.SIGTERM):
+    for number in SIGNALS:
         signal.signal(number, lambda number, frame: request(number))
