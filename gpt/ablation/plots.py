@@ -90,11 +90,17 @@ def _style_axis(axis: Axes, x: str, label: str) -> None:
 
 
 def _y_range(means: Sequence[pd.DataFrame]) -> tuple[float, float]:
-    """Every plotted loss after each curve's first point, with a margin: the first epoch's loss is far above."""
-    later = [m[column].dropna().iloc[1:] for m in means for column in ("val_loss", "train_loss")]
-    values = pd.concat([v for v in later if len(v)] or [m["val_loss"].dropna() for m in means])
-    ci = pd.concat([m["val_ci"].fillna(0) for m in means])
-    low, high = float(values.min() - ci.max()), float(values.max() + ci.max())
+    """The val losses with their CIs and a margin: the differences that matter. Training loss may run below
+    (memorizing a small text) and the first evaluation above, when including it would stretch the rest by half."""
+    val = [m[["val_loss", "val_ci"]].dropna(subset=["val_loss"]) for m in means]
+    later = pd.concat([v.iloc[1:] for v in val if len(v) > 1] or val)
+    low, high = (
+        float((later["val_loss"] - later["val_ci"].fillna(0)).min()),
+        float((later["val_loss"] + later["val_ci"].fillna(0)).max()),
+    )
+    first = max((float(v["val_loss"].iloc[0]) for v in val if len(v)), default=high)
+    if first - high < 0.5 * (high - low):
+        high = max(high, first)
     margin = 0.05 * max(high - low, 1e-3)
     return low - margin, high + margin
 
@@ -132,7 +138,7 @@ def factor_curves(analysis: Analysis, factor: str, path: Path) -> Path:
     axes[-1].legend(handles=_legend(factor, levels, others, contexts), fontsize="small", loc="upper right")
     figure.suptitle(
         f"{factor}: val loss (thick; band: 95% CI over seeds) and train loss (thin), mean over seeds; "
-        "first epoch's loss may lie above the plot"
+        "the range fits the val losses"
     )
     return _save(figure, path)
 
