@@ -101,6 +101,16 @@ def wait_for_training(uri: str, children: int, timeout: float = 240) -> None:
     pytest.fail(f"{children} cells did not log an epoch within {timeout} s")
 
 
+def wait_for_more_epochs(uri: str, logged: dict[str, int], timeout: float = 240) -> None:
+    """Until one of the runs has logged more val_loss points than `logged` says: it went on training."""
+    client, deadline = MlflowClient(uri), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(len(client.get_metric_history(run_id, "val_loss")) > n for run_id, n in logged.items()):
+            return
+        time.sleep(1)
+    pytest.fail(f"no resumed run logged another epoch within {timeout} s")
+
+
 def test_ctrl_c_stops_the_whole_grid_and_a_rerun_goes_on_in_the_same_parent(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     grid = Grid(uri, tmp_path)
@@ -122,15 +132,20 @@ def test_ctrl_c_stops_the_whole_grid_and_a_rerun_goes_on_in_the_same_parent(tmp_
 
     again = Grid(uri, tmp_path)
     again.wait_for(f"parent run: {parents[0].info.run_id}")
-    again.wait_for("start n_layers=", count=2)
-    wait_for_training(uri, 4)
+    resumed = again.wait_for("start n_layers=", count=2)
+    stopped = {c.info.run_id for c in children}
+    assert all("(resuming run " in line for line in resumed), resumed
+    assert {line.split("(resuming run ")[1].split()[0] for line in resumed} == stopped, "in their own runs"
+    logged = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "val_loss")) for c in children}
+    wait_for_more_epochs(uri, logged)
     os.kill(again.process.pid, signal.SIGTERM)  # a scheduler's SIGTERM reaches the grid's process only
     code, output = again.finish()
     assert code == 143, output
     assert "grid stopped by SIGTERM" in output
     assert [r.info.status for r in runs_of(uri) if r.data.tags.get("ablation.role") == "parent"] == ["KILLED"]
-    statuses = [r.info.status for r in runs_of(uri) if "ablation.cell_id" in r.data.tags]
-    assert statuses.count("KILLED") == 4 and "RUNNING" not in statuses, "the workers stopped their cells too"
+    children = [r for r in runs_of(uri) if "ablation.cell_id" in r.data.tags]
+    assert [c.info.status for c in children] == ["KILLED", "KILLED"], "the workers stopped their cells too"
+    assert {c.info.run_id for c in children} == stopped, "no new run: the stopped ones went on"
 
 
 def test_a_run_left_running_by_a_dead_worker_is_ended_failed(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def _convergence(analysis: Analysis) -> list[str]:
 
 def _fits(analysis: Analysis) -> list[str]:
     runs = analysis.runs
-    points = int(runs["val_points"].min())
+    points = int(runs["val_points"].fillna(0).min())
     if points < MIN_FIT_POINTS:
         every = max(1, round(float(runs["epochs"].max()) / max(points, 1)))
         return [

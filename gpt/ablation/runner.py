@@ -55,10 +55,12 @@ from gpt.ablation.claims import (
 )
 from gpt.ablation.grid import Cell, GridSpec, SkippedCell, run_name
 from gpt.ablation.identity import GRID_ID_TAG, grid_id
+from gpt.ablation.resumable import hand_over, killed_run
 from gpt.ablation.reuse import reuse_finished
 from gpt.ablation.workers import gpu_slots, init_worker, shard_cells
 from gpt.errors import UserError
-from gpt.job import JobOptions, check_run_name, prepare, train
+from gpt.job import JobOptions, JobResult, Prepared, check_run_name, prepare, train
+from gpt.resume import Resumption
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, with_retries
 
 PARENT_SETTLE_S = 5.0
@@ -223,8 +225,7 @@ def stop_parent(tracking_uri: str, parent_id: str) -> None:
 _events = None  # in a worker process: the queue on which run_cell announces a cell's start to the grid's process
 
 
-def _announce(cell: Cell, options: RunnerOptions) -> None:
-    line = f"start {run_name(cell)}"
+def _announce(line: str, options: RunnerOptions) -> None:
     if _events is not None:
         _events.put(line)
     else:
@@ -235,22 +236,10 @@ def _not_started(cell: Cell) -> CellOutcome:
     return CellOutcome(cell, "SKIPPED", message="not started: the grid is stopping")
 
 
-def run_cell(cell: Cell, parent_id: str, experiment_id: str, options: RunnerOptions) -> CellOutcome:
-    """Claim and train one cell (in this process); any failure is the cell's, never the grid's.
-
-    Once the grid is asked to stop (gpt.ablation.stopping) no cell is claimed or started.
-    """
-    started = time.monotonic()
-    client = MlflowClient(options.tracking_uri)
-    if stopping.requested():
-        return _not_started(cell)
-    reason = leave_alone(cell_state(client, experiment_id, parent_id, cell), options.started)
-    if reason:
-        return CellOutcome(cell, "SKIPPED", message=reason)
-    token = new_token()
+def _job(cell: Cell, parent_id: str, options: RunnerOptions, token: str) -> JobOptions:
     tags = {**cell.tags(), CLAIM_TAG: token, "ablation.host": socket.gethostname(), "ablation.pid": str(os.getpid())}
     tags["mlflow.source.name"] = "ablate.py"
-    job = JobOptions(
+    return JobOptions(
         experiment=options.experiment,
         run_name=run_name(cell),
         tracking_uri=options.tracking_uri,
@@ -261,33 +250,71 @@ def run_cell(cell: Cell, parent_id: str, experiment_id: str, options: RunnerOpti
         progress=False,
         echo=lambda line: None,
     )
-    prepared, error, claimed = None, "", False
+
+
+def run_cell(cell: Cell, parent_id: str, experiment_id: str, options: RunnerOptions) -> CellOutcome:
+    """Claim and train one cell (in this process); any failure is the cell's, never the grid's.
+
+    Once the grid is asked to stop (gpt.ablation.stopping) no cell is claimed or started; a cell that
+    a stop left KILLED goes on from its checkpoint (gpt.ablation.resumable).
+    """
+    started = time.monotonic()
+    client = MlflowClient(options.tracking_uri)
+    if stopping.requested():
+        return _not_started(cell)
+    state = cell_state(client, experiment_id, parent_id, cell)
+    reason = leave_alone(state, options.started)
+    if reason:
+        return CellOutcome(cell, "SKIPPED", message=reason)
+    job = _job(cell, parent_id, options, new_token())
+    prepared, error, claimed, resumption = None, "", False, None
     try:  # reading and tokenizing the data comes before the claim, so that a claim turns into a run at once
-        prepared = prepare(cell.config, job)
+        resumption = killed_run(client, state, options.tracking_uri, options.cache_dir)
+        cfg, payload = (resumption.cfg, resumption.payload) if resumption else (cell.config, None)
+        prepared = prepare(cfg, job, payload)
     except Exception as exc:
         error = _message(exc)
     try:
         if stopping.requested():
             return _not_started(cell)
-        reason = take_claim(client, experiment_id, parent_id, cell, token, options.started)
+        reason = take_claim(client, experiment_id, parent_id, cell, job.tags[CLAIM_TAG], options.started)
         if reason:
             return CellOutcome(cell, "SKIPPED", message=reason)
         claimed = True
         if prepared is not None:
-            _announce(cell, options)
-            result = train(cell.config, job, prepared=prepared)
-            if result.status == "KILLED":  # a signal reached the training (StopOnSignal): the grid stops too
-                stopping.request(result.exit_code - 128 if result.exit_code > 128 else 2)
+            result = _train(cell, prepared, job, resumption, client, options)
             seconds = time.monotonic() - started
             return CellOutcome(cell, result.status, result.run_id, result.best_val_loss, result.message, seconds)
     except Exception as exc:  # one broken cell must not stop the grid
         error = _message(exc)
     if claimed:
         try:
-            record_failure(client, experiment_id, parent_id, cell, tags, error)
+            record_failure(client, experiment_id, parent_id, cell, job.tags, error)
         except Exception as exc:
             error += f" (and recording the failure failed: {_message(exc)})"
     return CellOutcome(cell, "FAILED", message=error, seconds=time.monotonic() - started)
+
+
+def _train(
+    cell: Cell,
+    prepared: Prepared,
+    job: JobOptions,
+    resumption: Resumption | None,
+    client: MlflowClient,
+    options: RunnerOptions,
+) -> JobResult:
+    """Train a claimed cell, in a new run or going on in its stopped one; a signal that stops it stops the grid."""
+    if resumption is None:
+        _announce(f"start {run_name(cell)}", options)
+        result = train(cell.config, job, prepared=prepared)
+    else:
+        run_id, payload = resumption.run_id, resumption.payload
+        hand_over(client, run_id, job.tags)
+        _announce(f"start {run_name(cell)} (resuming run {run_id} in epoch {payload['state']['epoch'] + 1})", options)
+        result = train(resumption.cfg, job, prepared, resume_payload=payload, resume_run_id=run_id)
+    if result.status == "KILLED":  # a signal reached the training (StopOnSignal): the grid stops too
+        stopping.request(result.exit_code - 128 if result.exit_code > 128 else 2)
+    return result
 
 
 def _message(exc: Exception) -> str:

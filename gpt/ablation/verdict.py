@@ -169,12 +169,13 @@ def _still(analysis: Analysis, factor: str, level: str) -> str:
 
 def verdict(analysis: Analysis) -> list[str]:
     """One sentence per non-base level of every factor, in the grid's factor order."""
-    return [
+    lines = [
         level_sentence(analysis, factor, level)
         for factor in analysis.grid.factors
         for level in analysis.levels[factor]
         if level != analysis.base_levels.get(factor) and len(analysis.comparisons)
     ]
+    return lines or ["no factor has finished runs at two of its levels: nothing to compare yet"]
 
 
 def fixed_settings(analysis: Analysis) -> str:
