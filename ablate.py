@@ -23,7 +23,7 @@ from gpt.ablation.grid import CORPUS_KEYS, Cell, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
 from gpt.ablation.identity import cell_digests
 from gpt.ablation.runner import RunnerOptions, close_parent, run_grid, stop_parent
-from gpt.ablation.slurm import SlurmOptions, check, job_script
+from gpt.ablation.slurm import SlurmOptions, check, job_name, job_script
 from gpt.ablation.workers import parse_shard
 from gpt.cli import friendly_errors
 from gpt.data import build_corpus
@@ -241,7 +241,7 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
             err=True,
         )
     script = job_script(spec.name, len(cells), args, {"MLFLOW_TRACKING_URI": uri}, Path(__file__).resolve(), options)
-    path = Path(output or f"{spec.name}.sbatch")
+    path = Path(output or f"{job_name(spec.name)}.sbatch")  # a default name like 'n_layers x stride' has spaces
     path.write_text(script)
     path.chmod(0o755)
     (options.workdir / log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it: logs would be lost
