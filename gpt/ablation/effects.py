@@ -63,10 +63,27 @@ def _context(runs: pd.DataFrame, factor: str, factors: Sequence[str]) -> pd.Seri
     return runs[others].astype(str).agg("|".join, axis=1) if others else pd.Series("", index=runs.index)
 
 
-def differs_in_flops(runs: pd.DataFrame, factor: str) -> bool:
+def level_ratio(runs: pd.DataFrame, factors: Sequence[str], factor: str, level: str, base: str, column: str) -> float:
+    """`column` (tokens per epoch, parameters...) at `level` over its value at `base`, other factors equal.
+
+    The geometric mean over the other-factor combinations in which both levels ran, so an uneven
+    mix of the other factors' levels (a grid still running) does not show up as an effect. NaN if none.
+    """
+    context = _context(runs, factor, factors)
+    medians = runs.assign(_context=context).groupby(["_context", factor])[column].median()
+    ratios = [
+        medians[(key, level)] / medians[(key, base)]
+        for key in set(context)
+        if (key, level) in medians.index and (key, base) in medians.index and medians[(key, base)] > 0
+    ]
+    finite = [r for r in ratios if np.isfinite(r) and r > 0]
+    return float(np.exp(np.mean(np.log(finite)))) if finite else math.nan
+
+
+def differs_in_flops(runs: pd.DataFrame, factors: Sequence[str], factor: str, levels: Sequence[str], base: str) -> bool:
     """Whether the factor's levels train models of different FLOPs per token (depth, width, context)."""
-    per_level = runs.groupby(factor)["flops_per_token"].median().dropna()
-    return per_level.nunique() > 1
+    ratios = [level_ratio(runs, factors, factor, level, base, "flops_per_token") for level in levels if level != base]
+    return any(np.isfinite(r) and abs(r - 1) > 1e-9 for r in ratios)
 
 
 def _compare(runs: pd.DataFrame, factor: str, context: pd.Series, base: str, level: str, measure: Measure) -> dict:
@@ -107,7 +124,7 @@ def comparisons(
     rows = []
     for factor in factors:
         context = _context(runs, factor, factors)
-        flops = differs_in_flops(runs, factor)
+        flops = differs_in_flops(runs, factors, factor, levels[factor], base_levels[factor])
         for level in levels[factor]:
             if level == base_levels[factor]:
                 continue

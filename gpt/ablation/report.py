@@ -255,7 +255,8 @@ def _comparison_section(analysis: Analysis) -> list[str]:
         "(paired t-test on the differences; Welch's t-test where runs cannot be paired). Loss differences are in "
         "nats (negative: lower loss than the base); compute is a ratio to the base (geometric mean over pairs, "
         "tested on the log scale). p (Holm): adjusted with Holm's method over every test of this report "
-        "(comparisons and ANOVA terms); wall time is machine-dependent and not tested.",
+        "(comparisons and ANOVA terms), which the verdict uses; the 95% CIs are each comparison's own, so one may "
+        "exclude 0 while its adjusted test is n.s. Wall time is machine-dependent and not tested.",
         "",
         _markdown(*_comparison_rows(analysis)),
         "",

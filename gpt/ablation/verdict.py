@@ -13,6 +13,7 @@ import math
 import pandas as pd
 
 from gpt.ablation.analysis import Analysis
+from gpt.ablation.effects import level_ratio
 from gpt.ablation.grid import short_keys, si
 
 ALPHA = 0.05
@@ -72,11 +73,9 @@ def _judgement(row: pd.Series, per: str) -> str:
 
 
 def _level_ratio(analysis: Analysis, factor: str, level: str, column: str) -> float:
-    """Median of a per-run number (tokens per epoch, parameters...) at a level over its median at the base."""
-    runs = analysis.runs
-    medians = runs.groupby(factor)[column].median()
-    base = medians.get(analysis.base_levels[factor], math.nan)
-    return float(medians.get(level, math.nan) / base) if base else math.nan
+    """A per-run number (tokens per epoch, parameters...) at a level over the base's, other factors equal."""
+    base = analysis.base_levels[factor]
+    return level_ratio(analysis.runs, analysis.grid.factors, factor, level, base, column)
 
 
 def flops_text(flops: float) -> str:
@@ -158,13 +157,18 @@ def level_sentence(analysis: Analysis, factor: str, level: str) -> str:
 
 
 def _still(analysis: Analysis, factor: str, level: str) -> str:
+    """'(3 of 6 runs still improving at epoch 10, 2 past their best)': where these runs were when they stopped."""
     runs = analysis.runs
     involved = runs[runs[factor].isin([level, analysis.base_levels[factor]])]
     improving = int(involved["still_improving"].fillna(False).sum())
-    if not improving:
-        return ""
-    how_many = "all" if improving == len(involved) else f"{improving} of {len(involved)}"
-    return f" ({how_many} still improving at epoch {analysis.matching.epoch})"
+    overfit = int(involved["overfit_epoch"].notna().sum())
+    parts = []
+    if improving:
+        how_many = "all runs" if improving == len(involved) else f"{improving} of {len(involved)} runs"
+        parts.append(f"{how_many} still improving at epoch {analysis.matching.epoch}")
+    if overfit:
+        parts.append(f"{overfit} past their best epoch")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def verdict(analysis: Analysis) -> list[str]:
