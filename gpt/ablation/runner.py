@@ -345,10 +345,11 @@ def run_grid(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], opti
     parent_id = open_parent(spec, cells, skipped, options)
     client = MlflowClient(options.tracking_uri)
     experiment_id = with_retries(lambda: client.get_run(parent_id)).info.experiment_id
+    options.echo(f"parent run: {parent_id}")
     reused = _settle(client, experiment_id, parent_id, cells, options)
     mine = [c for c in shard_cells(cells, options.shard) if c.cell_id not in reused]
     total, outcomes = len(mine), []
-    options.echo(f"parent run: {parent_id}  ({total} of {len(cells)} cells here, {len(skipped)} skipped as invalid)")
+    options.echo(f"{total} of {len(cells)} cells here, {len(reused)} reused, {len(skipped)} skipped as invalid")
 
     def report(outcome: CellOutcome) -> None:
         outcomes.append(outcome)
