@@ -462,3 +462,13 @@ def test_fetch_grid_names_an_unknown_run(store):
         analysis.fetch_grid("0123abcd", store[0])
     with pytest.raises(UserError, match="malformed"):
         analysis.fetch_grid("x' OR '1'='1", store[0])
+
+
+def test_a_val_fit_with_too_few_points_after_the_steepest_drop_says_how_many_epochs_would_do():
+    grid = fake_grid({"1x": 3.3}, epochs=6, noise=0.0)
+    for run in grid.runs:  # a plateau for three epochs, then a power law: three points after the steepest drop
+        run.curves.loc[1:3, "val_loss"] = [6.9, 6.85, 6.8]
+    result = analysis.analyze(grid)
+    assert (result.runs["fit_points"] == 3).all() and (result.runs["fit_from_epoch"] == 4).all()
+    warning = next(w for w in report.cautions(result) if w.startswith("convergence fits of val loss"))
+    assert "6 of them have under 4 points after their steepest drop: train at least 7 epochs" in warning, warning

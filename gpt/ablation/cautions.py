@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
+
 from gpt.ablation.analysis import Analysis
 from gpt.ablation.matched import epochs_to_overlap
 from gpt.ablation.metrics import IMPROVING_TOLERANCE, MIN_FIT_POINTS
@@ -40,9 +42,21 @@ def _fits(analysis: Analysis) -> list[str]:
             reason = failed[column].mode().iloc[0]
             lines.append(
                 f"convergence fits of {what} are no result for {len(failed)} of {len(runs)} runs (most often: "
-                f"{reason}); their parameters are not reported"
+                f"{reason}); their parameters are not reported{_more_epochs(failed) if column == 'fit_error' else ''}"
             )
     return lines
+
+
+def _more_epochs(failed: pd.DataFrame) -> str:
+    """How many epochs would give the val fits of short runs (not of overfitting ones) their points."""
+    short = failed[(failed["fit_points"] < MIN_FIT_POINTS) & failed["overfit_epoch"].isna()]
+    if not len(short):
+        return ""
+    epochs = int((short["epochs"] + MIN_FIT_POINTS - short["fit_points"]).max())
+    return (
+        f"; {len(short)} of them have under {MIN_FIT_POINTS} points after their steepest drop: train at least "
+        f"{epochs} epochs (--set train.epochs={epochs})"
+    )
 
 
 def _matching(analysis: Analysis) -> list[str]:
