@@ -11,13 +11,14 @@ python ablate.py slurm grid.yaml --partition gpu    # a Slurm job array: task k 
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from gpt import env
-from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, expand, format_plan, plan_rows
+from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, Cell, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
 from gpt.cli import CONTEXT, cache_dir_option, friendly_errors, tokenizer_file_option, tracking_uri_option
 from gpt.errors import UserError
@@ -67,9 +68,15 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT)
 @grid_options
+@click.option(
+    "--tracking-uri",
+    help="Store whose finished runs time the cells (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).",
+)
 @friendly_errors
-def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir) -> None:
-    """Print the grid's cells with parameters, tokens per epoch and FLOPs; run nothing."""
+def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, tracking_uri) -> None:
+    """Print the grid's cells with parameters, tokens per epoch, FLOPs and measured time; run nothing."""
+    from gpt.store import resolve_tracking_uri
+
     spec, cells, skipped, corpus, _, _ = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
@@ -78,7 +85,25 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
         click.echo("(the grid varies the data, so token counts are per cell and not shown)")
         click.echo("\n".join(f"{c.name}  {c.cell_id}" for c in cells))
         return
-    click.echo(format_plan(plan_rows(cells, len(corpus.train), len(corpus.val)), skipped))
+    rows = plan_rows(cells, len(corpus.train), len(corpus.val))
+    base_ids = frozenset(c.cell_id for c in cells if c.levels == spec.base_levels())
+    click.echo(format_plan(rows, skipped, base_ids, cell_estimates(cells, rows, resolve_tracking_uri(tracking_uri))))
+
+
+def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, str]:
+    """Cell id -> estimated training time from finished runs of the same shape (gpt.ablation.estimate)."""
+    from gpt.ablation.estimate import format_duration, measured_speeds
+    from gpt.device import resolve_device
+
+    device = str(resolve_device(cells[0].config.train.device)) if cells else "cpu"
+    speeds = measured_speeds(uri, cells, device)
+    estimates = {}
+    for row in rows:
+        speed = speeds.get(row["cell_id"])
+        if speed is not None:
+            seconds = row["tokens_per_epoch"] * row["epochs"] / speed.tokens_per_second
+            estimates[row["cell_id"]] = f"{format_duration(seconds)} ({speed.runs} run{'s' * (speed.runs > 1)})"
+    return estimates
 
 
 @main.command(context_settings=CONTEXT)
@@ -96,13 +121,18 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
 @friendly_errors
 def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
         workers, gpus, per_gpu, shard, target_loss, out_dir, no_log_model, register_model) -> None:  # fmt: skip
-    """Train every cell of a grid (skipping finished ones), then compare them."""
+    """Train every cell of a grid (skipping finished ones), then compare them.
+
+    Exit codes: 0 done, 1 a cell failed, 2 bad input, 130/143 stopped by Ctrl-C/SIGTERM (run the
+    same command again to go on).
+    """
     check_registered_name(register_model)
-    from gpt.ablation.runner import RunnerOptions, close_parent, run_grid
+    from gpt.ablation.identity import cell_digests
+    from gpt.ablation.runner import RunnerOptions, close_parent, run_grid, stop_parent
     from gpt.ablation.workers import parse_shard
     from gpt.store import resolve_tracking_uri
 
-    spec, cells, skipped, _, cache, tokenizer_file = build_cells(
+    spec, cells, skipped, corpus, cache, tokenizer_file = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
     if not cells:
@@ -123,8 +153,18 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         shard=parse_shard(shard),
         echo=click.echo,
         log_model=not no_log_model,
+        digests=cell_digests(cells, cache, corpus),
     )
     outcome = run_grid(spec, cells, skipped, options)
+    if outcome.stopped:
+        stop_parent(uri, outcome.parent_run_id)
+        killed = sum(o.status == "KILLED" for o in outcome.outcomes)
+        click.echo(
+            f"grid stopped by {signal.Signals(outcome.stopped).name}: {killed} running cell(s) ended KILLED with a "
+            f"checkpoint, the others did not start; the parent run ends KILLED. Run the same command again to go on."
+        )
+        click.echo(f"parent_run_id: {outcome.parent_run_id}")
+        raise SystemExit(128 + outcome.stopped)
     if outcome.complete:
         try:
             report(outcome.parent_run_id, uri, target_loss, out_dir)
@@ -170,7 +210,7 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
           tasks, max_running, partition, account, time_limit, gpus_per_task, gres, per_gpu, cpus_per_task, mem, extra,
           log_dir, python, target_loss, output) -> None:  # fmt: skip
     """Write a Slurm job-array script that trains the grid's cells, one array task per cell."""
-    from gpt.ablation.slurm import SlurmOptions, check, job_script
+    from gpt.ablation.slurm import SlurmOptions, check, job_name, job_script
     from gpt.store import resolve_tracking_uri, sqlite_path
 
     spec, cells, skipped, _, _, tokenizer_file = build_cells(
@@ -209,7 +249,7 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
             err=True,
         )
     script = job_script(spec.name, len(cells), args, {"MLFLOW_TRACKING_URI": uri}, Path(__file__).resolve(), options)
-    path = Path(output or f"{spec.name}.sbatch")
+    path = Path(output or f"{job_name(spec.name)}.sbatch")  # a default name like 'n_layers x stride' has spaces
     path.write_text(script)
     path.chmod(0o755)
     (options.workdir / log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it: logs would be lost
@@ -240,15 +280,17 @@ def report(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str
     """Compare the grid's runs, write the report (and log it to the parent run), print the table and links."""
     from mlflow.tracking import MlflowClient
 
-    from gpt.ablation.report import compare as analyse
+    from gpt.ablation.report import compare as analyse  # pandas/scipy load only when needed
+    from gpt.ablation.report import grid_link
     from gpt.store import sqlite_folder, ui_link
 
     folder = Path(out_dir) if out_dir else (sqlite_folder(uri) or env.cache_dir()) / "reports" / parent_run_id
     table, files = analyse(parent_run_id, folder, uri, target_loss)
     click.echo(table)
-    click.echo(f"report: {folder / 'report.md'} (also on the parent run in MLflow)")
+    click.echo(f"report: {folder / 'report.md'} and report.html (also on the parent run in MLflow)")
     experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
-    click.echo(f"browse: {ui_link(uri, experiment_id, parent_run_id)}")
+    click.echo(f"browse the grid's runs: {grid_link(uri, experiment_id, parent_run_id)}")
+    click.echo(f"browse the report: {ui_link(uri, experiment_id, parent_run_id)}")
 
 
 def register_best_model(parent_run_id: str, uri: str, name: str, tokenizer_file: str | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from conftest import TINY_GRID, VERDICT
@@ -54,13 +55,29 @@ def grid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
 
 
 def test_plan_lists_cells_and_runs_nothing(tmp_path: Path) -> None:
-    code, output = invoke("plan", *GRID)
+    store = tmp_path / "none.db"
+    code, output = invoke("plan", *GRID, "--tracking-uri", f"sqlite:///{store}")
     assert code == 0, output
     assert "L1-H2-E16-ctx16-s8-seed0" in output and "total: 4 cells" in output and "FLOPs" in output
+    assert not store.exists(), "a plan creates no store"
+    lines = output.splitlines()
+    assert "non-emb" in lines[1] and "est. time" in lines[1]
+    base = [line for line in lines if line.startswith("L2-H2-E16-ctx16-s16-seed0")]
+    assert len(base) == 1 and base[0].split()[1] == "*", "the base cell (tiny.yaml's 2 layers, stride 1x) is marked"
+    assert all(line.rstrip().endswith("no measurement") for line in lines[2:6])
+
+
+def test_plan_estimates_time_from_finished_runs_of_the_same_shape(grid_run: tuple[str, str, str]) -> None:
+    uri, _, _ = grid_run
+    code, output = invoke("plan", *GRID, "--tracking-uri", uri)
+    assert code == 0, output
+    rows = [line for line in output.splitlines() if "-seed0" in line]
+    # the stride changes the tokens of an epoch, not the model's speed: each shape has its two strides' runs
+    assert len(rows) == 4 and all(line.rstrip().endswith("(2 runs)") for line in rows), output
 
 
 def test_grid_makes_one_child_run_per_cell_with_factor_tags(grid_run: tuple[str, str, str]) -> None:
-    uri, parent_id, _ = grid_run
+    uri, parent_id, output = grid_run
     runs = children(uri, parent_id)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     levels = {(r.data.tags["factor.model.n_layers"], r.data.tags["factor.data.stride"]) for r in runs}
@@ -69,6 +86,10 @@ def test_grid_makes_one_child_run_per_cell_with_factor_tags(grid_run: tuple[str,
     assert strides == {"8", "16"}, "relative strides resolve against the context length"
     parent = MlflowClient(uri).get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ablation.grid"] == "g2x2"
+    assert len(parent.data.tags["ablation.grid_id"]) == 16
+    names = {r.info.run_name for r in runs}
+    assert "n_layers=1 stride=0.5x seed=0, L1-H2-E16-ctx16-s8" in names, "names start with what varies"
+    assert sum(line.startswith("start n_layers=") for line in output.splitlines()) == 4, "a line as each cell starts"
 
 
 def test_parallel_workers_lose_no_metric_point(grid_run: tuple[str, str, str]) -> None:
@@ -86,8 +107,8 @@ def test_report_files_land_on_the_parent_run(grid_run: tuple[str, str, str]) -> 
     names = {a.path for a in client.list_artifacts(parent_id)} | {
         a.path for a in client.list_artifacts(parent_id, "plots")
     }
-    assert {"report.md", "summary.csv", "grid.yaml", "plots/curves_data.stride.png"} <= names, names
-    assert "main effects on best val loss" in output
+    assert {"report.md", "report.html", "summary.csv", "grid.yaml", "plots/comparisons.png"} <= names, names
+    assert "verdict:" in output and "val loss at matched tokens" in output
     report = Path(client.download_artifacts(parent_id, "report.md")).read_text()
     assert "data.stride" in report and "model.n_layers" in report
 
@@ -106,6 +127,37 @@ def test_compare_rebuilds_the_report_from_mlflow(grid_run: tuple[str, str, str],
     code, output = invoke("compare", parent_id, "--tracking-uri", uri, "--out-dir", str(tmp_path))
     assert code == 0, output
     assert (tmp_path / "summary.csv").is_file() and (tmp_path / "report.md").is_file()
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Ablation: g2x2: n_layers x stride")
+    # 2 epochs: stride 0.5x is first evaluated after more tokens than stride 1x ever sees
+    assert "no comparison at matched tokens" in report and "Train at least 4 epochs" in report
+    child = children(uri, parent_id)[0]
+    summaries = {"summary/val_loss_at_common_epoch", "summary/tokens_to_target", "summary/final_val_loss"}
+    assert summaries <= set(child.data.metrics), "sortable in MLflow's runs table"
+    assert child.data.params["factor.data.stride"] in ("0.5x", "1x")
+
+
+def test_two_grids_in_one_experiment_get_two_parents_and_share_only_an_identical_cell(tmp_path: Path) -> None:
+    """The issue's reproduction: a second grid varying another factor must not adopt the first grid's parent."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = [*TINY_GRID, "--data", str(VERDICT), "--seeds", "0", "--set", "train.epochs=1", "--experiment", "g"]
+    code, first = invoke("run", *common, "--vary", "model.n_layers=1,2", "--tracking-uri", uri)
+    assert code == 0, first
+    code, second = invoke("run", *common, "--vary", "model.n_heads=1,2", "--tracking-uri", uri)
+    assert code == 0, second
+    first_id, second_id = parent_id_of(first), parent_id_of(second)
+    assert first_id != second_id
+    client = MlflowClient(uri)
+    assert client.get_run(second_id).info.run_name == "n_heads", "named after what it varies"
+    # tiny.yaml has 2 layers and 2 heads: that cell is the same experiment in both grids, and is reused
+    shared = next(r for r in children(uri, first_id) if r.data.tags["factor.model.n_layers"] == "2")
+    assert f"reused run {shared.info.run_id}" in second
+    assert [r.data.tags["factor.model.n_heads"] for r in children(uri, second_id)] == ["1"], "only the new cell ran"
+    report = Path(client.download_artifacts(second_id, "report.md")).read_text()
+    assert "## Reused runs" in report and shared.info.run_id in report
+    assert "model.n_layers" not in report, "no main effect of a factor the grid never varied"
+    comparisons = pd.read_csv(client.download_artifacts(second_id, "comparisons.csv"))
+    assert set(comparisons["factor"]) == {"model.n_heads"} and set(comparisons["base"].astype(str)) == {"2"}
 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:

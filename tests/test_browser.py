@@ -46,6 +46,12 @@ GRID = [
 CHART_LINES = """(name => {
   const title = [...document.querySelectorAll('h1,h2,h3,h4,h5,span,div')]
     .find(e => e.childElementCount === 0 && e.textContent.trim() === name);
+  if (!title) {  // charts are put on the page as they come into view: show the next ones
+    const drawn = [...document.querySelectorAll('.js-plotly-plot')];
+    if (drawn.length) drawn[drawn.length - 1].scrollIntoView({block: 'start'});
+    return 0;
+  }
+  title.scrollIntoView({block: 'center'});
   let card = title;
   while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;
   const lines = card ? [...card.querySelectorAll('.js-plotly-plot path.js-line')]
@@ -262,10 +268,52 @@ def test_the_grids_report_opens_from_the_parent_runs_artifacts(grid, browser: Br
     browser.open(
         f"{url}/#/experiments/{experiment_id}/runs/{parent_id}/artifacts/report.md?workflowType=machine_learning"
     )
-    rendered = "!!document.querySelector('h1') && document.body.innerText.includes('Ablation report: ui-grid')"
-    browser.wait_until(f"{rendered} && document.body.innerText.includes('Main effects on best val loss')",
+    rendered = "!!document.querySelector('h1') && document.body.innerText.includes('Ablation: ui-grid: n_layers')"
+    browser.wait_until(f"{rendered} && document.body.innerText.includes('Against the base level')",
                        "the rendered report.md", shots)  # fmt: skip
     browser.close_assistant()
     browser.screenshot(shots / "report.png")
     assert "grid.yaml" in browser.text() and "summary.csv" in browser.text(), "the parent's other artifacts are listed"
     assert_model_training_view(browser.text())
+
+
+# The HTML artifact MLflow shows in a sandboxed iframe (a blob: URL of the page's own making, so it can fetch it):
+# its text and how many images it holds inline.
+IFRAME = """(async () => {
+  for (const frame of document.querySelectorAll('iframe')) {
+    if (!(frame.src || '').startsWith('blob:')) continue;
+    const html = await (await fetch(frame.src)).text();
+    const images = (html.match(/src="data:image[/]png;base64,/g) || []).length;
+    if (html.includes('Verdict')) return {text: html, images: images};
+  }
+  return null;
+})()"""
+
+
+def test_report_html_shows_the_verdict_and_the_plots_inline(grid, browser: Browser, shots: Path) -> None:
+    url, experiment_id, parent_id, _ = grid
+    browser.open("about:blank")  # from report.md's page, the app would not switch artifacts on a new hash alone
+    browser.open(
+        f"{url}/#/experiments/{experiment_id}/runs/{parent_id}/artifacts/report.html?workflowType=machine_learning"
+    )
+    browser.wait_until(f"{IFRAME}.then(found => !!found)", "report.html in the artifact viewer", shots)
+    browser.close_assistant()
+    time.sleep(1)
+    browser.screenshot(shots / "report-html.png")
+    page = browser.evaluate(IFRAME)
+    assert "n_layers 1 vs 2" in page["text"] and page["images"] == 2, "the verdict and both plots, inline"
+
+
+def test_the_printed_grid_link_lists_every_child_run(grid, browser: Browser, shots: Path) -> None:
+    from gpt.ablation.report import grid_link
+
+    url, experiment_id, parent_id, children = grid
+    browser.open("about:blank")
+    browser.open(grid_link(url, experiment_id, parent_id))
+    names = " && ".join(f"document.body.innerText.includes({json.dumps(name[:12])})" for name in children)
+    search = f"[...document.querySelectorAll('input')].some(i => i.value.includes('{parent_id}'))"
+    browser.wait_until(f"{names} && {search}", "the child runs, filtered by their parent", shots)
+    browser.wait_until("document.body.innerText.includes('2 matching runs')", "only the grid's children", shots)
+    browser.close_assistant()
+    browser.screenshot(shots / "grid-link.png")
+    assert all(name.startswith("n_layers=") for name in children), "names lead with the factor"

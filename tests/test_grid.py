@@ -330,7 +330,7 @@ def test_a_grid_needs_no_file(monkeypatch):
         sets=["train.epochs=2"],
     )
     cells, skipped = expand(spec)
-    assert (spec.name, spec.design, spec.source) == ("ablation", "grid", None)
+    assert (spec.name, spec.design, spec.source) == ("n_layers x stride", "grid", None)
     assert (len(cells), skipped) == (4, [])
     assert all(c.config.train.epochs == 2 and c.config.data.files == ["book.txt"] for c in cells)
 

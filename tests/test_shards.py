@@ -114,7 +114,7 @@ def test_two_shards_and_a_duplicate_train_every_cell_exactly_once(
     result = CliRunner().invoke(ablate.main, ["compare", parents[0].info.run_id, "--tracking-uri", server.url,
                                               "--out-dir", str(tmp_path / "report")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "main effects" in result.output and (tmp_path / "report" / "report.md").is_file()
+    assert "verdict:" in result.output and (tmp_path / "report" / "report.md").is_file()
 
 
 def test_slurm_tasks_finishing_apart_leave_the_report_to_the_last(
@@ -142,7 +142,7 @@ def test_slurm_tasks_finishing_apart_leave_the_report_to_the_last(
     assert len(children) == 1 and "report.md" not in artifact_names(server.url, parent.info.run_id)
 
     last = task(1)
-    assert "main effects" in last and "parent run FINISHED" in last, last
+    assert "verdict:" in last and "parent run FINISHED" in last, last
     (parent,), children = grid_runs(server.url, "apart")
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert {r.data.tags["factor.model.n_layers"] for r in children} == {"1", "2"}, "task k trains cell k"

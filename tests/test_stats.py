@@ -1,13 +1,15 @@
-"""Ablation statistics on synthetic data with known answers: the convergence fit, intervals, tests, curves."""
+"""Ablation statistics on synthetic data with known answers: fits, intervals, tests, ANOVA and Holm, matched compute."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
-from gpt.ablation import stats
+from gpt.ablation import matched, stats
 
 # 40 epochs of 100k tokens on the curve L(t) = 3 + 950 * t^-0.5: the fit must find a=3, b=950, c=0.5
 TOKENS = np.arange(1, 41) * 100_000
@@ -112,3 +114,129 @@ def test_tokens_to_target_interpolates_the_first_crossing():
     assert stats.first_crossing(tokens, loss, 6.0) == 100.0, "already below at the first logged epoch"
     assert stats.first_crossing(tokens, loss, 2.7) == pytest.approx(500 - 100 * 0.2 / 1.1)
     assert math.isnan(stats.first_crossing(tokens, loss, 2.0))
+
+
+def test_a_curve_that_has_not_bent_is_not_identified_and_gives_no_parameters():
+    # a straight line in log tokens over one decade: any asymptote below it fits, so the fit is no result
+    tokens = np.geomspace(1e5, 1e6, 10)
+    loss = 6.0 - 0.3 * np.log(tokens / 1e5) + np.random.default_rng(7).normal(0, 0.002, 10)
+    fit = stats.fit_convergence(tokens, loss)
+    assert fit.error.startswith("not identified"), fit
+    assert math.isnan(fit.a) and math.isnan(fit.c) and math.isnan(fit.a_se)
+
+
+def test_a_fit_on_a_bound_is_not_reported():
+    # loss rising with tokens: the best decaying curve is flat, b = 0 on its bound
+    fit = stats.fit_convergence(TOKENS[:8], 3.0 + 0.01 * np.arange(8))
+    assert fit.error.startswith("not identified") and "bound" in fit.error, fit
+    assert math.isnan(fit.a)
+
+
+def test_a_fit_starts_at_the_steepest_drop_which_is_the_start_of_a_power_law():
+    assert stats.steepest_drop(TOKENS, LOSS) == 0, "a power law falls fastest per log token at its start"
+    # a plateau at the unigram loss, then faster learning, then a power law: the fit must start at the drop
+    plateau = [6.70, 6.60, 6.50, 6.30, *(3.0 + 950.0 * TOKENS[4:] ** -0.5)]
+    start = stats.steepest_drop(TOKENS, plateau)
+    assert start == 4, "the first point after the fall from the plateau"
+    fit = stats.fit_convergence(TOKENS[start:], plateau[start:])
+    assert fit.a == pytest.approx(3.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------- multiple tests and ANOVA, against the libraries
+
+
+def test_holm_matches_statsmodels_and_the_step_down_rule():
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.array([0.01, 0.04, 0.03, 0.005, np.nan, 0.5])
+    adjusted = stats.holm(p)
+    finite = np.isfinite(p)
+    assert np.allclose(adjusted[finite], multipletests(p[finite], method="holm")[1])
+    assert math.isnan(adjusted[4]), "a missing p-value stays missing and does not count in the family"
+    # by hand: sorted 0.005, 0.01, 0.03, 0.04, 0.5 times 5, 4, 3, 2, 1, then running maximum
+    expected = {0.005: 0.025, 0.01: 0.04, 0.03: 0.09, 0.04: 0.09, 0.5: 0.5}
+    assert all(adjusted[i] == pytest.approx(expected[p[i]]) for i in np.flatnonzero(finite))
+
+
+def two_way_data(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a in ("1", "2", "4"):
+        for b in ("x", "y"):
+            for replicate in range(3):
+                effect = (
+                    {"1": 0.0, "2": -0.2, "4": -0.3}[a]
+                    + (0.1 if b == "y" else 0.0)
+                    + (0.15 if (a, b) == ("4", "y") else 0)
+                )
+                rows.append(
+                    {
+                        "model.n_layers": a,
+                        "data.stride": b,
+                        "seed": replicate,
+                        "loss": 3.0 + effect + rng.normal(0, 0.03),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_anova_matches_statsmodels_anova_lm_on_the_same_data():
+    from statsmodels.formula.api import ols
+    from statsmodels.stats.anova import anova_lm
+
+    data = two_way_data()
+    table, reason = stats.anova(data, ["model.n_layers", "data.stride"], "loss")
+    assert reason == ""
+    frame = data.rename(columns={"model.n_layers": "a", "data.stride": "b"})
+    reference = anova_lm(ols("loss ~ C(a) + C(b) + C(a):C(b)", data=frame).fit(), typ=2)
+    table = table.set_index("term")
+    for ours, theirs in (
+        ("model.n_layers", "C(a)"),
+        ("data.stride", "C(b)"),
+        ("model.n_layers × data.stride", "C(a):C(b)"),
+    ):
+        assert table.loc[ours, "F"] == pytest.approx(reference.loc[theirs, "F"])
+        assert table.loc[ours, "p_value"] == pytest.approx(reference.loc[theirs, "PR(>F)"])
+        assert table.loc[ours, "df"] == reference.loc[theirs, "df"]
+        ss, residual = reference.loc[theirs, "sum_sq"], reference.loc["Residual", "sum_sq"]
+        assert table.loc[ours, "partial_eta_sq"] == pytest.approx(ss / (ss + residual))
+    assert table.loc["residual", "df"] == 12, "18 runs - 6 cells"
+    assert table.loc["model.n_layers × data.stride", "p_value"] < 0.05, "the planted interaction"
+
+
+def test_one_way_anova_is_scipys_f_test():
+    data = two_way_data()
+    table, _ = stats.anova(data, ["model.n_layers"], "loss")
+    groups = [g["loss"].to_numpy() for _, g in data.groupby("model.n_layers")]
+    reference = scipy_stats.f_oneway(*groups)
+    row = table.set_index("term").loc["model.n_layers"]
+    assert row["F"] == pytest.approx(reference.statistic) and row["p_value"] == pytest.approx(reference.pvalue)
+
+
+def test_anova_needs_two_levels_and_replicates():
+    data = two_way_data()
+    one_seed = data[data["seed"] == 0]
+    assert (
+        stats.anova(one_seed, ["model.n_layers", "data.stride"], "loss")[1]
+        == "no replicate seeds to estimate the error"
+    )
+    assert "fewer than 2 levels" in stats.anova(data[data["data.stride"] == "x"], ["data.stride"], "loss")[1]
+
+
+# ---------------------------------------------------------------- matched compute
+
+
+def test_loss_at_a_budget_interpolates_in_log_tokens_and_never_extrapolates():
+    tokens = np.array([1e5, 2e5, 4e5, 8e5])
+    loss = 5.0 - 0.5 * np.log2(tokens / 1e5)  # straight in log tokens: interpolation is exact
+    assert matched.loss_at(tokens, loss, 3e5) == pytest.approx(5.0 - 0.5 * np.log2(3.0))
+    assert matched.loss_at(tokens, loss, 8e5) == pytest.approx(3.5), "the last point itself"
+    assert math.isnan(matched.loss_at(tokens, loss, 9e5)) and math.isnan(matched.loss_at(tokens, loss, 5e4))
+
+
+def test_common_budget_is_the_shortest_runs_end_and_says_when_ranges_do_not_overlap():
+    budget = matched.common_budget([[1e5, 2e5, 3e5], [2e5, 4e5, 6e5]])
+    assert (budget.value, budget.earliest, budget.reason) == (3e5, 2e5, "")
+    apart = matched.common_budget([[1e5, 2e5], [4e5, 8e5]])
+    assert math.isnan(apart.value) and "first evaluation" in apart.reason
+    assert matched.epochs_to_overlap([1e5, 4e5], [1e5, 4e5]) == 5, "4 epochs of the short run reach 4e5, plus one"

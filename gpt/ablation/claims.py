@@ -11,6 +11,8 @@ claims and the cell's child runs, a cell is
            a claim whose run never appeared counts as dead after CLAIM_START_S),
   FAILED   when that run FAILED or was KILLED, or its process died,
   UNTRIED  when nobody claimed it yet.
+A cell that stands on a finished run of another grid with the same cell id (the parent's tag
+ablation.reused.<cell id>, see gpt.ablation.reuse) is DONE as well.
 A worker takes UNTRIED cells and cells that failed before its own process started (a grid run again
 retries them), and leaves the others alone. So running a grid again skips finished cells, and shards
 on many machines, or the same shard started twice, never train one cell twice.
@@ -30,7 +32,8 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gpt.ablation.grid import Cell
+from gpt.ablation.grid import Cell, run_name
+from gpt.ablation.identity import read_reuse_tags
 from gpt.store import with_retries
 
 CLAIM_START_S = 600.0  # a claim has become a run within seconds, unless its process died first
@@ -108,7 +111,7 @@ def _claims(parent: Run) -> dict[str, dict[int, str]]:
     return claims
 
 
-def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
+def search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
     runs, token = [], None
     while True:
         page = with_retries(
@@ -122,19 +125,48 @@ def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Ru
             return runs
 
 
+def _judge_cell(parent: Run, cell_id: str, runs: list[Run]) -> CellState:
+    """judge(), except that a cell standing on a finished run of another grid (gpt.ablation.reuse) is DONE."""
+    state = judge(_claims(parent).get(cell_id, {}), runs)
+    reused = read_reuse_tags(parent.data.tags).get(cell_id)
+    if reused is not None and state.status != "DONE":
+        run_id = reused["run_id"]
+        return CellState("DONE", state.next_attempt, run_id, f"reused run {run_id} of another grid (same cell id)")
+    return state
+
+
 def cell_state(client: MlflowClient, experiment_id: str, parent_id: str, cell: Cell) -> CellState:
     parent = with_retries(lambda: client.get_run(parent_id))
     query = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`ablation.cell_id` = '{cell.cell_id}'"
-    return judge(_claims(parent).get(cell.cell_id, {}), _search_all(client, experiment_id, query))
+    return _judge_cell(parent, cell.cell_id, search_all(client, experiment_id, query))
 
 
 def grid_states(client: MlflowClient, experiment_id: str, parent_id: str, cells: list[Cell]) -> dict[str, CellState]:
     """Every cell's state, from one read of the parent and its children."""
-    claims = _claims(with_retries(lambda: client.get_run(parent_id)))
+    parent = with_retries(lambda: client.get_run(parent_id))
     runs: dict[str, list[Run]] = collections.defaultdict(list)
-    for run in _search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+    for run in search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_id}'"):
         runs[run.data.tags.get("ablation.cell_id", "")].append(run)
-    return {c.cell_id: judge(claims.get(c.cell_id, {}), runs[c.cell_id]) for c in cells}
+    return {c.cell_id: _judge_cell(parent, c.cell_id, runs[c.cell_id]) for c in cells}
+
+
+def end_dead_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list[str]:
+    """End FAILED the grid's child runs left RUNNING by a process of this machine that is gone (a SIGKILLed worker).
+
+    Runs of other machines cannot be checked and are left alone. Returns the ended run ids.
+    """
+    query = f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'"
+    ended = []
+    for run in search_all(client, experiment_id, query):
+        host, pid = run.data.tags.get("ablation.host", ""), run.data.tags.get("ablation.pid", "")
+        if not host or _process_alive(host, pid):  # no host tag: nothing to check it by
+            continue
+        message = f"its process ({host} pid {pid}) died while training; the run was ended when the grid ran again"
+        run_id = run.info.run_id
+        with_retries(lambda run_id=run_id, message=message: client.set_tag(run_id, "ablation.error", message))
+        with_retries(lambda run_id=run_id: client.set_terminated(run_id, "FAILED"))
+        ended.append(run_id)
+    return ended
 
 
 def leave_alone(state: CellState, started: float) -> str | None:
@@ -171,7 +203,7 @@ def record_failure(
 ) -> None:
     """A claimed cell that failed before its run existed gets a FAILED run saying why (seen in the UI, on resume)."""
     query = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{CLAIM_TAG}` = '{tags[CLAIM_TAG]}'"
-    if _search_all(client, experiment_id, query):
+    if search_all(client, experiment_id, query):
         return  # training had opened its run, and ended it FAILED
     tags = {
         **tags,
@@ -179,5 +211,5 @@ def record_failure(
         "mlflow.source.name": "ablate.py",
         "ablation.error": message[:5000],
     }
-    run = with_retries(lambda: client.create_run(experiment_id, run_name=cell.name, tags=tags))
+    run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name(cell), tags=tags))
     with_retries(lambda: client.set_terminated(run.info.run_id, "FAILED"))

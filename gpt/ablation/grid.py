@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from gpt.config import Config, defaults_of, get_key, identity_keys, set_key, validate
 from gpt.errors import UserError
-from gpt.sizes import count_parameters, count_windows, flops_per_token, window_stats
+from gpt.sizes import count_parameters, count_windows, flops_per_token, non_embedding_parameters, window_stats
 
 # Cell ids hash what a cell learns (config fields with identity metadata, see gpt.config.setting).
 # _ID_V1 holds the keys the first ids hashed, so that grids already in users' stores keep their ids:
@@ -289,6 +290,36 @@ def cell_name(cfg: Config, levels: dict[str, str], seed: int) -> str:
     return "-".join(parts)
 
 
+# ---------------------------------------------------------------- names
+
+
+def short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Factor key -> the last part of its name (model.n_layers -> n_layers); the whole key where two share it."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: part if last.count(part) == 1 else key for key, part in zip(keys, last, strict=True)}
+
+
+def default_grid_name(keys: Sequence[str]) -> str:
+    """What a grid varies, e.g. 'n_layers x stride' (the name of a grid that was given none)."""
+    return " x ".join(short_keys(keys).values()) or "base"
+
+
+_RUN_NAME_CHARS = re.compile(r"[^A-Za-z0-9 ._+=,:@-]")  # what gpt.job.check_run_name accepts
+
+
+def run_name(cell: Cell) -> str:
+    """The MLflow run name of a cell, varied factors first so a cut name still tells cells apart.
+
+    For example 'n_layers=2 stride=0.5x seed=0, L2-H2-E32-ctx32-s16'. Characters a run name may not
+    hold (a '/' in a file level) become '_'; the name is at most 250 characters.
+    """
+    short = short_keys(list(cell.levels))
+    levels = " ".join(f"{short[key]}={label}" for key, label in cell.levels.items())
+    shape = cell.name.removesuffix(f"-seed{cell.seed}")
+    name = _RUN_NAME_CHARS.sub("_", f"{levels} seed={cell.seed}, {shape}".strip()).replace("..", "._")
+    return name[:250]
+
+
 # The keys build_corpus reads: cells that differ in one of them train on different token streams.
 CORPUS_KEYS = ("data.files", "data.clean", "data.strip_gutenberg", "data.val_fraction")
 
@@ -313,6 +344,7 @@ def plan_rows(cells: Sequence[Cell], train_tokens: int, val_tokens: int) -> list
                 "seed": cell.seed,
                 "levels": dict(cell.levels),
                 "n_params": count_parameters(cfg.model),
+                "non_embedding_params": non_embedding_parameters(cfg.model),
                 "train_windows": stats.train_windows,
                 "val_windows": stats.val_windows,
                 "steps_per_epoch": stats.steps_per_epoch,
@@ -325,28 +357,41 @@ def plan_rows(cells: Sequence[Cell], train_tokens: int, val_tokens: int) -> list
     return rows
 
 
-def format_plan(rows: Sequence[dict[str, Any]], skipped: Sequence[SkippedCell] = ()) -> str:
-    """A table of the cells (one column per factor), the totals, then the skipped cells and why."""
+def format_plan(
+    rows: Sequence[dict[str, Any]],
+    skipped: Sequence[SkippedCell] = (),
+    base_ids: frozenset[str] = frozenset(),
+    estimates: dict[str, str] | None = None,
+) -> str:
+    """A table of the cells (one column per factor), the totals, then the skipped cells and why.
+
+    Cells whose id is in base_ids are marked '*' (the base config's level of every factor);
+    `estimates` (cell id -> text) adds an estimated-time column.
+    """
     factor_keys = list(dict.fromkeys(key for row in rows for key in row["levels"]))
-    header = ["cell", *factor_keys, "params", "windows", "steps/ep", "tokens/ep", "epochs", "FLOPs"]
+    header = ["cell", *factor_keys, "params", "non-emb", "windows", "steps/ep", "tokens/ep", "epochs", "FLOPs"]
     cells = [
         [
-            row["name"],
+            row["name"] + (" *" if row["cell_id"] in base_ids else ""),
             *(row["levels"].get(key, "") for key in factor_keys),
             si(row["n_params"]),
+            si(row["non_embedding_params"]),
             str(row["train_windows"]),
             str(row["steps_per_epoch"]),
             si(row["tokens_per_epoch"]),
             str(row["epochs"]),
             f"{row['flops']:.2e}",
+            *([estimates.get(row["cell_id"], "no measurement")] if estimates is not None else []),
         ]
         for row in rows
     ]
-    lines = table_lines(header, cells, numbers_right=True)
+    lines = table_lines(header + (["est. time"] if estimates is not None else []), cells, numbers_right=True)
     steps = sum(r["steps_per_epoch"] * r["epochs"] for r in rows)
     tokens = sum(r["tokens_per_epoch"] * r["epochs"] for r in rows)
     flops = sum(r["flops"] for r in rows)
     lines.append(f"total: {len(rows)} cells, {steps} steps, {si(tokens)} training tokens, {flops:.2e} FLOPs")
+    if base_ids:
+        lines.append("* base cell: the base config's level of every factor")
     if skipped:
         lines.append(f"skipped ({len(skipped)}):")
         # the levels as asked: two skipped cells can share a name (stride 16 and 0.5x both show s16)

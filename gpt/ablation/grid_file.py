@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt.ablation.grid import DESIGNS, Factor, GridSpec, format_level
+from gpt.ablation.grid import DESIGNS, Factor, GridSpec, default_grid_name, format_level
 from gpt.config import (
     SECTIONS,
     Config,
@@ -106,7 +106,7 @@ def load_grid(
         factors[key] = _factor(key, levels, "--vary")
 
     spec = GridSpec(
-        name=name or str(raw.get("name") or (source.stem if source else "ablation")),
+        name=name or str(raw.get("name") or (source.stem if source else default_grid_name(list(factors)))),
         base=cfg,
         factors=list(factors.values()),
         seeds=_cli_seeds(seeds) if seeds else _file_seeds(raw, cfg, where),
