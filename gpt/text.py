@@ -149,7 +149,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise UserError("give exactly one of --prompt TEXT and --prompt-file FILE")
     if prompt is not None:
         return prompt
-    path = Path(prompt_file)
+    path = Path(prompt_file).expanduser()
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
     if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # UTF-8 takes at most 4 bytes a character
