@@ -19,8 +19,8 @@ from gpt import checkpoint, metrics
 from gpt.config import Config, apply_overrides, resumable_keys, validate
 from gpt.data import Corpus
 from gpt.errors import UserError
-from gpt.runs import find_checkpoint, local_run_dir
-from gpt.store import check_tracking_uri, resolve_tracking_uri, with_retries
+from gpt.runs import check_run_store, find_checkpoint, local_run_dir
+from gpt.store import check_tracking_uri, resolve_tracking_uri, sqlite_path, with_retries
 from gpt.tracking import Spool
 from gpt.trainer import TrainState
 
@@ -49,7 +49,7 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
     if by_id:
         check_tracking_uri(uri)
         local = local_run_dir(uri, cache_dir, target) / "checkpoints" / "last.pt"
-        path = local if local.is_file() else find_checkpoint(target, "last", uri)  # remote stores: local first
+        path = local if local.is_file() else find_checkpoint(target, "last", tracking_uri)  # remote stores: local first
     else:
         path = Path(target).expanduser()
         if path.is_dir():
@@ -83,8 +83,22 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
             f"add --epochs N (more than {state.epoch}) to train it longer"
         )
     if not by_id and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = payload.get("tracking_uri") or uri
+        uri = resolve_tracking_uri(payload.get("tracking_uri") or uri)
+        _check_checkpoint_store(uri, path)
+    if sqlite_path(uri) is not None:  # a local store: it must exist, hold the run, and not have moved
+        check_run_store(run_id, uri, "resuming")
     return Resumption(cfg, payload, run_id, uri, path)
+
+
+def _check_checkpoint_store(uri: str, checkpoint_file: Path) -> None:
+    """UserError when the SQLite store a checkpoint file names is gone (a moved store), naming the store
+    found in a folder above the checkpoint, if any."""
+    store = sqlite_path(uri)
+    if store is None or store.is_file():
+        return
+    beside = next((f / store.name for f in checkpoint_file.resolve().parents if (f / store.name).is_file()), None)
+    found = f"; the store above the checkpoint: --tracking-uri sqlite:///{beside}" if beside else ""
+    raise UserError(f"checkpoint {checkpoint_file} names the store {store}, which does not exist (moved?){found}")
 
 
 def check_same_data(payload: dict[str, Any], corpus: Corpus) -> None:

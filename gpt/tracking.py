@@ -31,6 +31,7 @@ from gpt import env
 from gpt.delivery import deliver_datasets, deliver_model
 from gpt.errors import UserError
 from gpt.plots import loss_curve
+from gpt.runs import check_run_store
 from gpt.store import (
     TrackingUnavailable,
     check_tracking_uri,
@@ -39,6 +40,7 @@ from gpt.store import (
     open_client,
     resolve_tracking_uri,
     run_lock,
+    sqlite_path,
     with_retries,
 )
 
@@ -335,8 +337,10 @@ def replay(local_dir: Path, tracking_uri: str | None = None) -> tuple[str, int, 
         run_id = meta["run_id"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{meta_file} is not a run file of this tool") from None
-    uri = tracking_uri or meta.get("tracking_uri") or resolve_tracking_uri()
+    uri = replay_store(local_dir, tracking_uri, meta.get("tracking_uri"))
     check_tracking_uri(uri)
+    if sqlite_path(uri) is not None:  # the run must be there, and its artifacts where MLflow recorded them
+        check_run_store(run_id, uri, "replaying")
     with run_lock(local_dir, run_id):
         spool = Spool(local_dir)
         items = spool.items()
@@ -355,6 +359,26 @@ def replay(local_dir: Path, tracking_uri: str | None = None) -> tuple[str, int, 
             spool.mark_delivered(item["seq"])
             clear_staged(item, local_dir)
     return run_id, len(pending), status
+
+
+def replay_store(local_dir: Path, tracking_uri: str | None, recorded: str | None) -> str:
+    """The store a spool is replayed into: --tracking-uri, else the run's own (recorded), else the default.
+
+    Replay never creates a store: a SQLite store must exist. When the run's own is gone and a store of
+    that name sits above the spool (a spool lives in <store folder>/local/<run_id>), the store moved
+    with its spool, and that one is used. Raises UserError naming the missing store.
+    """
+    uri = resolve_tracking_uri(tracking_uri or recorded)
+    store = sqlite_path(uri)
+    if store is None or store.is_file():
+        return uri
+    moved = local_dir.resolve().parent.parent / store.name
+    if tracking_uri is None and moved.is_file():
+        return f"sqlite:///{moved}"
+    raise UserError(
+        f"no MLflow store at {store}: --replay sends a run's spool to the store that holds the run; "
+        "pass that store's --tracking-uri"
+    )
 
 
 def _replay_one(client: MlflowClient, run_id: str, item: dict[str, Any], local_dir: Path) -> None:
