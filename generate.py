@@ -116,6 +116,8 @@ def main(run_id, checkpoint, model_uri, prompt, prompt_file, max_tokens, tempera
         model, cfg, encoding, info = sampling.load_model(path, torch_device, tokenizer_file)
         if run_id and info["run_id"] not in (None, run_id):
             raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
+    if log_to_run:  # before the text is generated: a store that cannot take it fails first
+        runs.check_run_store(run_id, tracking_uri, "logging")
     context = cfg.model.context_length
     if cache_keep is not None and cache_keep > context:
         raise UserError(f"--cache-keep must be at most the model's context length {context}, got {cache_keep}")

@@ -337,11 +337,11 @@ def replay(local_dir: Path, tracking_uri: str | None = None) -> tuple[str, int, 
         run_id = meta["run_id"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{meta_file} is not a run file of this tool") from None
-    uri = replay_store(local_dir, tracking_uri, meta.get("tracking_uri"))
-    check_tracking_uri(uri)
-    if sqlite_path(uri) is not None:  # the run must be there, and its artifacts where MLflow recorded them
-        check_run_store(run_id, uri, "replaying")
     with run_lock(local_dir, run_id):
+        uri = replay_store(local_dir, tracking_uri, meta.get("tracking_uri"))
+        check_tracking_uri(uri)
+        if sqlite_path(uri) is not None:  # the run must be there, and its artifacts where MLflow recorded them
+            check_run_store(run_id, uri, "replaying")
         spool = Spool(local_dir)
         items = spool.items()
         if not items:

@@ -118,6 +118,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     old_state = training_checkpoint(**resumable)
     old_state["state"]["epoch_loss_sum"] = old_state["state"].pop("epoch_losses")
     checkpoint.save(inputs / "old-state.pt", old_state)
+    checkpoint.save(inputs / "moved.pt", training_checkpoint(finished, f"sqlite:///{inputs}/gone/mlflow.db", epoch=1))
+    orphan = inputs / "orphan-spool"  # a run's spool whose store is gone, with no store above it
+    orphan.mkdir()
+    (orphan / "run.json").write_text(f'{{"run_id": "{finished}", "tracking_uri": "sqlite:///{inputs}/gone/mlflow.db"}}')
+    (orphan / "lock").touch()
     edited = inputs / "verdict-copy.txt"
     shutil.copy(VERDICT, edited)
     checkpoint.save(inputs / "edited-data.pt", training_checkpoint(**resumable, data=edited))
@@ -144,7 +149,8 @@ def case(name: str, script: str, args: list[str], words: str) -> object:
 
 # (name, script, arguments, words the one-line error must contain). In arguments, {inputs}, {uri},
 # {finished} and {bare} are filled from the world; train.py cases get --tracking-uri for a store
-# in the working folder unless they name one, so a store created by mistake would show.
+# in the working folder unless they name one (or resume or replay a run, which names its own), so a
+# store created by mistake would show.
 CASES = [
     # configs
     case("yaml is a list", "train", ["--config", "{inputs}/list.yaml"], "expected a mapping of sections"),
@@ -213,6 +219,15 @@ CASES = [
     case("replay a missing folder", "train", ["--replay", "{inputs}/none"], "no such folder"),
     case("replay a folder without spool", "train", ["--replay", "{inputs}/folder"], "run.json is missing"),
     case("replay with a config", "train", ["--replay", "{inputs}/folder", "--config", TINY_YAML], "drop --config"),
+    case("replay to a missing store", "train", ["--replay", "{inputs}/orphan-spool"],
+         "no MLflow store at {inputs}/gone"),
+    case("replay to another missing store", "train",
+         ["--replay", "{inputs}/orphan-spool", "--tracking-uri", "sqlite:///{inputs}/none.db"],
+         "no MLflow store at {inputs}/none.db"),
+    case("resume from a moved store", "train", ["--resume", "{inputs}/moved.pt"],
+         "names the store {inputs}/gone/mlflow.db, which does not exist (moved?)"),
+    case("resume into a missing store", "train", ["--resume", "{inputs}/good.pt", "--tracking-uri", "sqlite:///x.db"],
+         "no MLflow store at"),
     # checkpoints
     case("resume changes the model", "train", ["--resume", "{inputs}/good.pt", "--set", "model.emb_dim=32"],
          "may change, not model.emb_dim"),
@@ -273,7 +288,8 @@ def test_bad_input_gets_one_line_naming_it(
     monkeypatch.chdir(tmp_path)
     fill = {"inputs": world.inputs, "uri": world.uri, "finished": world.finished, "bare": world.bare}
     args = [arg.format(**fill) for arg in args]
-    if script == "train" and "--tracking-uri" not in args and "--resume" not in args:
+    words = words.format(**fill)
+    if script == "train" and not {"--tracking-uri", "--resume", "--replay"} & set(args):
         args += ["--tracking-uri", f"sqlite:///{tmp_path}/store/mlflow.db"]
     inputs_before = files_under(world.inputs)
 

@@ -279,7 +279,9 @@ def test_find_checkpoint_uses_a_local_store_in_place(store):
 
 def test_default_tracking_uri_is_the_environment_or_the_local_sqlite_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(None) == "sqlite:///mlruns/mlflow.db"
+    assert resolve_tracking_uri(None) == f"sqlite:///{Path('mlruns/mlflow.db').resolve()}", "absolute, from the cwd"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
     assert resolve_tracking_uri(None) == "http://tracking:5000"
-    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db", "--tracking-uri wins"
+    assert resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{Path('x.db').resolve()}", "--tracking-uri wins"
+    assert resolve_tracking_uri("sqlite:///~/x.db") == f"sqlite:///{Path.home().resolve()}/x.db"
+    assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
