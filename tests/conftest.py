@@ -7,6 +7,7 @@ import contextlib
 import os
 import queue
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -124,6 +126,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_options_exist(message: str, command: click.Command, given: list[str]) -> None:
+    """Every --option a message names is an option of the command that printed it (the user's own aside)."""
+    options = {name for param in command.params for name in [*param.opts, *param.secondary_opts]}
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", message)) - {"--help", *given}
+    assert mentioned <= options, f"{command.name} has no option {', '.join(sorted(mentioned - options))}: {message}"
 
 
 def run_train(args: list[str]) -> tuple[int, str]:

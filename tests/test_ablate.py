@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_GRID, VERDICT
+from conftest import TINY_GRID, VERDICT, assert_options_exist
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -139,6 +139,7 @@ def test_bad_grid_file_gives_one_line_error(tmp_path: Path, grid_text: str, mess
     assert code == 2, output
     lines = output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], output
+    assert_options_exist(lines[0], ablate.plan, [])
 
 
 def test_missing_grid_file_and_bad_options_are_one_line_errors(tmp_path: Path) -> None:
@@ -151,6 +152,7 @@ def test_missing_grid_file_and_bad_options_are_one_line_errors(tmp_path: Path) -
         code, output = invoke(*args)
         lines = output.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], f"{args}: {output}"
+        assert_options_exist(lines[0], ablate.main.commands[args[0]], args)
 
 
 @pytest.mark.parametrize("command", ["run", "compare", "slurm"])

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import RANKS, ROOT, VERDICT
+from conftest import RANKS, ROOT, VERDICT, assert_options_exist
 from mlflow.tracking import MlflowClient
 
 import train
 from gpt import checkpoint
 from gpt.config import Config, ModelConfig
 from gpt.data import sha256_file
+from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.state import TrainState
 from gpt.trainer import build_optimizer
@@ -299,6 +300,7 @@ def test_bad_input_gets_one_line_naming_it(
     assert result.exit_code == 2, f"exit code {result.exit_code}; output:\n{result.output}"
     assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line:\n{result.output}"
     assert words in lines[0], f"the error should say {words!r}: {lines[0]}"
+    assert_options_exist(lines[0], train.main if script == "train" else generate.main, args)
     assert "Traceback" not in result.output
     assert files_under(tmp_path) == set(), f"{script}.py wrote {sorted(files_under(tmp_path))}"
     assert files_under(world.inputs) == inputs_before, "files appeared beside the inputs or in the store"
@@ -310,5 +312,16 @@ def test_cuda_on_a_machine_without_one(world: World, tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(train.main, [*BASE, "--device", "cuda", "--tracking-uri", f"sqlite:///{tmp_path}/s.db"])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: train.device is cuda but no CUDA GPU is available; use --device auto or cpu"
+    assert result.output.strip() == "error: train.device is cuda but no CUDA GPU is available; set it to auto or cpu"
     assert files_under(tmp_path) == set()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_device_message_names_only_options_of_the_script_that_prints_it() -> None:
+    from gpt.device import resolve_device
+
+    with pytest.raises(UserError) as from_config:  # from a config: train.py, or a grid's cells in ablate.py
+        resolve_device("cuda")
+    assert "--" not in str(from_config.value), "ablate.py has no --device"
+    with pytest.raises(UserError, match="use --device auto or cpu"):  # generate.py's own option
+        resolve_device("cuda", option="--device")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import RANKS, ROOT
+from conftest import RANKS, ROOT, assert_options_exist
 from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint
@@ -239,6 +239,7 @@ def test_mistakes_are_one_line_errors(store, args, message):
     args = [a.format(**store.__dict__) for a in args]
     line = one_line_error(generate(store, *args))
     assert re.search(message, line), f"expected {message!r} in {line!r}"
+    assert_options_exist(line, generate_script.main, args)
 
 
 @pytest.mark.parametrize(
