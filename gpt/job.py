@@ -11,7 +11,6 @@ RUNNING run behind. Once a run is open, TrackedRun ends it in a state that says 
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from gpt.tracked_run import JobResult, TrackedRun, final_val_loss
 from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
+MAX_RUN_NAME = 250  # characters: MLflow's runs.name column
 
 
 @dataclass
@@ -89,11 +88,26 @@ def default_run_name(cfg: Config) -> str:
 
 
 def check_run_name(name: str) -> str:
-    """The name, or UserError when MLflow or a search filter could not take it."""
-    if not _RUN_NAME.match(name) or ".." in name:
+    """The name, or UserError when MLflow cannot take it.
+
+    MLflow stores any text as a run name (a tag, and a column of 250 characters), Unicode included:
+    only what breaks it or its display is refused: more than 250 characters, control characters
+    (tabs, newlines), and nothing but spaces.
+    """
+    if not name.strip() or len(name) > MAX_RUN_NAME or not name.isprintable():
         raise UserError(
-            f"run name {name!r} is not allowed: use letters, digits, spaces and . _ - + = , : @ (no '/' or '..')"
+            f"run name {name!r} is not allowed: MLflow takes 1 to {MAX_RUN_NAME} printable characters in any "
+            "script, not only spaces (no tabs, newlines or other control characters)"
         )
+    return name
+
+
+def check_grid_name(name: str) -> str:
+    """A grid's name: a run name (the parent run's) that is also searched for in MLflow, where a filter
+    string has no escapes, and that names files (its Slurm script): UserError with quotes or '/'."""
+    check_run_name(name)
+    if any(c in name for c in "'\"/"):
+        raise UserError(f"grid name {name!r} is not allowed: it names files and is searched in MLflow (no ' \" or /)")
     return name
 
 
@@ -132,10 +146,20 @@ def describe(prepared: Prepared) -> list[str]:
         f"per epoch: {s.steps_per_epoch:,} steps of batch {cfg.train.batch_size}, {s.tokens_per_epoch:,} tokens",
         f"device: {prepared.device}",
     ]
+    if cfg.window_stride > cfg.window_length:
+        lines.insert(3, stride_gap_line(cfg.window_stride, cfg.window_length, s))
     if ranks.active:
         share = -(-cfg.train.batch_size // ranks.world_size)
         lines.append(f"ranks: {ranks.world_size} processes, up to {share} windows of each batch on each")
     return lines
+
+
+def stride_gap_line(stride: int, length: int, stats: DataStats) -> str:
+    """What a stride longer than the window leaves out of training."""
+    return (
+        f"note: data.stride {stride} is longer than the window ({length} tokens): {stats.uncovered_fraction:.1%} "
+        f"of the training tokens ({stats.uncovered_tokens:,}) are in no window and are never trained on"
+    )
 
 
 def run_params(prepared: Prepared) -> dict[str, Any]:
@@ -152,6 +176,7 @@ def run_params(prepared: Prepared) -> dict[str, Any]:
         train_windows=s.train_windows,
         val_windows=s.val_windows,
         steps_per_epoch=s.steps_per_epoch,
+        train_uncovered_fraction=round(s.uncovered_fraction, 6),  # text no window holds (a stride over the window)
         device=str(prepared.device),
         dtype=str(autocast_dtype(cfg.train, prepared.device) or torch.float32).replace("torch.", ""),
     )

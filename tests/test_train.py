@@ -158,3 +158,35 @@ def test_from_dict_round_trips_the_logged_config(finished_run: tuple[str, str, s
     text = Path(MlflowClient(uri).download_artifacts(run_id, "config.yaml")).read_text()
     cfg = from_dict(yaml.safe_load(text))
     assert cfg.model.context_length == 16 and cfg.train.epochs == 3
+
+
+# ---------------------------------------------------------------- names and numbers MLflow takes
+
+
+@pytest.mark.parametrize("name", ["modèle-1", "модель 2", "模型 3", "it's \"v2\"", "../not-a-path", "a/b", "x" * 250])
+def test_run_names_are_what_mlflow_takes(name: str) -> None:
+    from gpt.job import check_run_name
+
+    assert check_run_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["it's", 'say "hi"', "a/b"])
+def test_grid_names_take_no_quotes_or_slashes(name: str) -> None:
+    from gpt.errors import UserError
+    from gpt.job import check_grid_name
+
+    with pytest.raises(UserError, match="grid name .* is not allowed"):
+        check_grid_name(name)
+    assert check_grid_name("stride-modèle") == "stride-modèle"
+
+
+def test_a_unicode_run_name_and_a_tiny_temperature_train_to_the_end(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*TINY, "--epochs", "1", "--run-name", "modèle-1", "--set", "train.temperature=1e-40"]
+    code, output = run_train([*args, "--tracking-uri", uri])
+    assert code == 0, output
+    run = MlflowClient(uri).get_run(last_run_id(output))
+    assert run.info.run_name == "modèle-1" and run.info.status == "FINISHED"
+    assert run.data.params["train.temperature"] == "1e-40"
+    (sample,) = (a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "samples"))
+    assert "Alice was" in Path(MlflowClient(uri).download_artifacts(run.info.run_id, sample)).read_text()

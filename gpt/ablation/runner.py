@@ -45,7 +45,7 @@ from gpt.ablation.claims import (
 from gpt.ablation.grid import Cell, GridSpec, SkippedCell
 from gpt.ablation.workers import gpu_slots, init_worker, shard_cells
 from gpt.errors import UserError
-from gpt.job import JobOptions, check_run_name, prepare, train
+from gpt.job import JobOptions, check_grid_name, prepare, train
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, with_retries
 
 PARENT_SETTLE_S = 5.0
@@ -106,7 +106,7 @@ def find_parents(client: MlflowClient, experiment_id: str, grid_name: str) -> li
     runs = with_retries(
         lambda: client.search_runs(
             [experiment_id],
-            f"tags.`ablation.grid` = '{grid_name}' and tags.`ablation.role` = 'parent'",  # check_run_name: no quotes
+            f"tags.`ablation.grid` = '{grid_name}' and tags.`ablation.role` = 'parent'",  # check_grid_name: no quotes
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=1000,
         )
@@ -117,7 +117,7 @@ def find_parents(client: MlflowClient, experiment_id: str, grid_name: str) -> li
 def open_parent(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], options: RunnerOptions) -> str:
     """Find or create the grid's parent run (resuming reuses it); with shards starting together, agree on one."""
     check_tracking_uri(options.tracking_uri)
-    check_run_name(spec.name)
+    check_grid_name(spec.name)
     client = open_client(options.tracking_uri)
     experiment_id = _ensure_experiment(client, options.experiment)
     tags = {**spec.parent_tags(), "ablation.role": "parent", "mlflow.source.name": "ablate.py"}
