@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint, distributed
-from gpt.config import Config, dump_yaml
+from gpt.config import Config, dump_yaml, resumable_keys
 from gpt.data import Corpus, build_corpus, data_stats
 from gpt.device import autocast_dtype, device_name, resolve_device
 from gpt.distributed import Ranks
@@ -39,6 +39,7 @@ from gpt.sizes import DataStats, count_parameters, flops_per_token
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, resolve_tracking_uri, with_retries
 from gpt.tokenizer import get_encoding
 from gpt.tracked_run import JobResult, TrackedRun, final_val_loss
+from gpt.tracking import Tracker
 from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -282,8 +283,20 @@ def train(
             if resume_run_id is None:
                 tracked.tracker.log_params(run_params(prepared))
                 tracked.tracker.log_text(dump_yaml(cfg), "config.yaml")
+            else:
+                record_new_plan(tracked.tracker, run, cfg)
             trainer.fit()
     return tracked.result
+
+
+def record_new_plan(tracker: Tracker, run: Run, cfg: Config) -> None:
+    """A resume that changes resumable keys (e.g. --epochs) records the new values where the UI shows them:
+    MLflow params cannot change, so each becomes a tag plan.<key>, and config.yaml is logged again."""
+    flat = cfg.flat()
+    changed = {key: flat[key] for key in resumable_keys() if run.data.params.get(key, str(flat[key])) != str(flat[key])}
+    if changed:
+        tracker.set_tags({f"plan.{key}": value for key, value in changed.items()})
+        tracker.log_text(dump_yaml(cfg), "config.yaml")
 
 
 def checkpoint_extra(prepared: Prepared, tracking_uri: str) -> dict[str, Any]:

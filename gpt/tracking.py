@@ -202,6 +202,10 @@ class Tracker:
         """Params, values as strings (MLflow's params are write-once)."""
         self._put({"kind": "params", "params": {k: str(v) for k, v in params.items()}})
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Tags, values as strings (unlike params, a tag may change)."""
+        self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
     def log_file(self, path: Path, artifact_path: str | None, snapshot: bool = True) -> None:
         """Upload a file. With snapshot, a copy is queued so later rewrites of `path` don't race."""
         if snapshot:
