@@ -30,6 +30,7 @@ from gpt.data import Corpus, build_corpus, data_stats
 from gpt.device import autocast_dtype, device_name, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
+from gpt.estimate import describe_estimate, estimate
 from gpt.mlflow_native import make_native
 from gpt.model import GPT
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
@@ -152,6 +153,9 @@ def describe(prepared: Prepared) -> list[str]:
     if ranks.active:
         share = -(-cfg.train.batch_size // ranks.world_size)
         lines.append(f"ranks: {ranks.world_size} processes, up to {share} windows of each batch on each")
+    if ranks.is_main:  # the others print nothing: no need to time anything there
+        found = estimate(cfg, s, prepared.device, ranks.world_size)
+        lines += describe_estimate(found, prepared.device, prepared.n_params)
     return lines
 
 
@@ -277,7 +281,8 @@ def train(
                 log_points=tracked.tracker.log_points,
                 echo=options.echo,
             )
-            progress = ProgressBar(cfg.train.batch_size * cfg.window_length, options.progress and sys.stderr.isatty())
+            tokens_per_step, terminal = cfg.train.batch_size * cfg.window_length, sys.stderr.isatty()
+            progress = ProgressBar(tokens_per_step, options.progress, cfg.train.epochs, terminal, options.echo)
             tracked.watch(reporter, checkpoints, progress)
             make_native(tracked, prepared, options, encoding, new_run=resume_run_id is None)
             if resume_run_id is None:

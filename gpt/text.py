@@ -135,7 +135,10 @@ def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
             body = response.read()
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"data: could not download gutenberg:{book_id} from {url} ({reason})") from None
+        raise UserError(
+            f"data: could not download gutenberg:{book_id} from {url} ({reason}); offline, give the book as a "
+            f"file (--data book.txt) or point {env.GUTENBERG_URL} at a mirror, with {{id}} for the number"
+        ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.part")
     partial.write_bytes(body)

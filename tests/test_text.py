@@ -264,4 +264,6 @@ def test_gutenberg_unreachable_server_is_a_user_error(tmp_path, monkeypatch):
     with http.server.HTTPServer(("127.0.0.1", 0), _AliceMirror) as closed:
         port = closed.server_address[1]  # bound, then closed on exit: nothing listens there
     monkeypatch.setenv("GPT_GUTENBERG_URL", f"http://127.0.0.1:{port}/pg{{id}}.txt")
-    assert "gutenberg:11" in user_error(["gutenberg:11"], tmp_path)
+    message = user_error(["gutenberg:11"], tmp_path)
+    assert "gutenberg:11" in message
+    assert "GPT_GUTENBERG_URL" in message and "--data book.txt" in message, "the offline fix is named"
