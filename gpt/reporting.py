@@ -211,7 +211,9 @@ class ProgressBar:
         if done > base_done and now > base_time:
             self.steps_per_s = (done - base_done) / (now - base_time)
         if self.terminal and (now - self.last_read >= 1.0 or done == total):
-            self.bar.set_postfix_str(f"loss {float(loss):.3f}{self._tokens_per_s()}")
+            left = self._left(epoch, done, total)
+            run_left = f", run ~{duration(left[1])} left" if left else ""
+            self.bar.set_postfix_str(f"loss {float(loss):.3f}{self._tokens_per_s()}{run_left}")
             self.last_read = now
         if not self.terminal and now - self.last_line >= self.every_s:
             self.echo(self.line(epoch, done, total, float(loss)))
@@ -231,13 +233,19 @@ class ProgressBar:
     def _tokens_per_s(self) -> str:
         return f", {self.steps_per_s * self.tokens_per_step:,.0f} tokens/s" if self.steps_per_s else ""
 
+    def _left(self, epoch: int, done: int, total: int) -> tuple[float, float] | None:
+        """Seconds of training steps left in the epoch and in the run at the measured rate (None: no rate yet)."""
+        if not self.steps_per_s:
+            return None
+        epoch_left = (total - done) / self.steps_per_s
+        return epoch_left, epoch_left + (self.epochs - epoch) * total / self.steps_per_s
+
     def line(self, epoch: int, done: int, total: int, loss: float) -> str:
         """The progress line of output that is not a terminal: epoch, step, loss, tokens/s, time left."""
         text = f"progress: epoch {epoch}/{self.epochs}, step {done}/{total}, loss {loss:.3f}{self._tokens_per_s()}"
-        if self.steps_per_s:
-            epoch_left = (total - done) / self.steps_per_s
-            run_left = epoch_left + (self.epochs - epoch) * total / self.steps_per_s
-            text += f", ~{duration(epoch_left)} left in the epoch, ~{duration(run_left)} in the run (training steps)"
+        left = self._left(epoch, done, total)
+        if left:
+            text += f", ~{duration(left[0])} left in the epoch, ~{duration(left[1])} in the run (training steps)"
         return text
 
     def close(self) -> None:

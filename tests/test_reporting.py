@@ -316,6 +316,7 @@ def test_a_bar_shows_real_rates_from_its_first_update(clock: Clock) -> None:
     bar = ProgressBar(512, True, epochs=2, terminal=True)
     run_steps(bar, clock, 1, range(1, 2), 10, seconds=0.25)
     assert "2,048 tokens/s" in bar.bar.postfix, "one step of 512 tokens in 0.25 s since training started"
+    assert "run ~5 s left" in bar.bar.postfix, "9 steps of this epoch and 10 of the next at 4 steps/s"
     assert bar.bar.format_dict["n"] == bar.bar.format_dict["initial"], "tqdm's own rate counts the next steps"
     run_steps(bar, clock, 1, range(2, 10), 10, seconds=0.25)
     clock.advance(3.0)
