@@ -118,11 +118,13 @@ def estimate(cfg: Config, stats: DataStats, device: torch.device, world_size: in
     with world_size processes each trains its share of every batch."""
     batch_rows = -(-cfg.train.batch_size // world_size) * cfg.window_length
     dtype = autocast_dtype(cfg.train, device) or torch.float32
-    with torch.no_grad():
-        forward = _forward_matmul_seconds(cfg, batch_rows, device, dtype)  # per token
     rows = min(batch_rows, LOSS_ROWS)
-    loss = _cross_entropy_seconds(cfg, rows, device) / rows
-    step = (3 * forward + loss) * batch_rows + _adamw_seconds(count_parameters(cfg.model), device)
+    # a resumed trainer's RNG states are already restored: the timing's random tensors must not move them
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.no_grad():
+            forward = _forward_matmul_seconds(cfg, batch_rows, device, dtype)  # per token
+        loss = _cross_entropy_seconds(cfg, rows, device) / rows
+        step = (3 * forward + loss) * batch_rows + _adamw_seconds(count_parameters(cfg.model), device)
     validation = (forward + loss / 3) * stats.val_windows * cfg.window_length / world_size
     return Estimate(step, validation, stats.steps_per_epoch, cfg.train.epochs)
 

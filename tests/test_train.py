@@ -231,5 +231,8 @@ def test_the_estimate_scales_with_the_work(one_thread: None) -> None:
     assert 0 < found.step_seconds < 60 and 0 < found.validation_seconds < found.epoch_seconds
     assert found.epoch_seconds == pytest.approx(found.steps_per_epoch * found.step_seconds + found.validation_seconds)
     assert found.run_seconds == pytest.approx(2 * found.epoch_seconds), "tiny.yaml trains 2 epochs"
+    before = torch.get_rng_state()
+    estimate(cfg, window_stats(cfg, 40_000, 4_000), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before), "a resumed run's restored RNG state must not move"
     wide = load(ROOT / "configs" / "tiny.yaml", ["model.emb_dim=256", "model.n_heads=4"])
     assert estimate(wide, window_stats(wide, 40_000, 4_000), torch.device("cpu")).step_seconds > found.step_seconds
