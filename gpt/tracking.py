@@ -195,16 +195,12 @@ class Tracker:
             self._put({"kind": "metrics", "points": points})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        """Run tags, values as strings (the run's description: gpt.run_summary)."""
+        """Run tags, values as strings (the run's description: gpt.run_summary; a resume's new plan: gpt.job)."""
         self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params, values as strings (MLflow's params are write-once)."""
         self._put({"kind": "params", "params": {k: str(v) for k, v in params.items()}})
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        """Tags, values as strings (unlike params, a tag may change)."""
-        self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_file(self, path: Path, artifact_path: str | None, snapshot: bool = True) -> None:
         """Upload a file. With snapshot, a copy is queued so later rewrites of `path` don't race."""
