@@ -4,14 +4,13 @@ would write to its old place is refused with a one-line fix; nothing is ever cre
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import RANKS, ROOT, TINY_TRAIN, VERDICT, last_run_id, run_train
+from conftest import RANKS, ROOT, TINY_TRAIN, VERDICT, last_run_id, load_script, run_train
 from mlflow.tracking import MlflowClient
 
 import ablate
@@ -20,10 +19,7 @@ pytestmark = [
     pytest.mark.skipif(not RANKS.is_file(), reason=f"no tokenizer ranks file at {RANKS}"),
     pytest.mark.usefixtures("one_thread"),
 ]
-
-_spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
-generate_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(generate_script)
+generate_script = load_script("generate")
 
 UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
 ONE_EPOCH = [*TINY_TRAIN, "--epochs", "1", "--set", "train.sample_every=0"]
