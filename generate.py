@@ -138,23 +138,20 @@ def main(run_id, checkpoint, model_uri, prompt, prompt_file, max_tokens, tempera
     click.echo(f"{count} tokens in {seconds:.2f} s ({count / seconds:,.1f} tokens/s)", err=True)
 
     if log_to_run:
-        record = {
-            "run": run_id,
-            "checkpoint": str(path),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "num_samples": num_samples,
-            "seed": seed,
-            "device": str(torch_device),
-            "kv_cache": not no_kv_cache,
-            "cache_keep": cache_keep,
-        }
-        samples = [encoding.decode(row) for row in rows]
-        artifact = f"generations/{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}.txt"
-        runs.log_text(run_id, artifact, sampling.generation_record(text, record, samples), tracking_uri)
-        click.echo(f"logged {artifact} to run {run_id}", err=True)
+        settings_used = {"run": run_id, "checkpoint": str(path), "max_tokens": max_tokens, "temperature": temperature,
+                         "top_k": top_k, "top_p": top_p, "num_samples": num_samples, "seed": seed,
+                         "device": str(torch_device), "kv_cache": not no_kv_cache,
+                         "cache_keep": cache_keep}  # fmt: skip
+        _log(run_id, tracking_uri, text, settings_used, [encoding.decode(row) for row in rows])
+
+
+def _log(run_id: str, tracking_uri: str | None, prompt: str, settings: dict[str, Any], samples: list[str]) -> None:
+    """--log: the prompt, the settings and the samples as a text file under the run's generations/."""
+    from gpt import runs, sampling
+
+    artifact = f"generations/{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}.txt"
+    runs.log_text(run_id, artifact, sampling.generation_record(prompt, settings, samples), tracking_uri)
+    click.echo(f"logged {artifact} to run {run_id}", err=True)
 
 
 def _seen(encoding: tiktoken.Encoding, ids: list[int], context: int) -> str:
