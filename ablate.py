@@ -20,16 +20,30 @@ import click
 from gpt import env
 from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, Cell, expand, format_plan, plan_rows
 from gpt.ablation.grid_file import load_grid
-from gpt.cli import CONTEXT, cache_dir_option, friendly_errors, tokenizer_file_option, tracking_uri_option
+from gpt.cli import (
+    CONTEXT,
+    FiniteFloat,
+    Group,
+    UserPath,
+    cache_dir_option,
+    friendly_errors,
+    tokenizer_file_option,
+    tracking_uri_option,
+)
 from gpt.errors import UserError
 from gpt.logged_model import check_registered_name
+
+TARGET_LOSS = FiniteFloat(min=0, min_open=True)  # nats: a cross-entropy above 0
+target_loss_option = click.option(
+    "--target-loss", type=TARGET_LOSS, help="Loss for tokens/time-to-target (default: worst run's best)."
+)
 
 
 def grid_options(command):
     """The options that define a grid, shared by `plan` and `run`."""
     options = [
-        click.argument("grid_file", required=False, type=click.Path(dir_okay=False)),
-        click.option("--base", help="Base config YAML (overrides the grid file's base)."),
+        click.argument("grid_file", required=False, type=UserPath(dir_okay=False)),
+        click.option("--base", type=UserPath(dir_okay=False), help="Base config YAML (replaces the grid file's)."),
         click.option("--data", multiple=True, help="Text file, glob or gutenberg:<id>; repeatable."),
         click.option("--vary", multiple=True, metavar="KEY=L1,L2", help="A factor and its levels; repeatable."),
         click.option("--seeds", help="Replicate seeds, e.g. 0,1,2."),
@@ -61,7 +75,7 @@ def build_cells(grid_file, base, data, vary, seeds, sets, design, name, tokenize
     return spec, cells, skipped, corpus, cache, tokenizer_file
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def main() -> None:
     """Run ablation grids of GPT trainings and compare how they converge (all tracked in MLflow)."""
 
@@ -114,8 +128,8 @@ def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, s
 @click.option("--gpus", help="GPUs to spread cells over, e.g. 0,1,2,3 (counted within $CUDA_VISIBLE_DEVICES).")
 @click.option("--per-gpu", type=click.IntRange(1, 64), default=1, show_default=True, help="Cells per GPU at once.")
 @click.option("--shard", default="0/1", show_default=True, help="Run share i of n of the cells (for many machines).")
-@click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
-@click.option("--out-dir", type=click.Path(file_okay=False), help="Where the report files go.")
+@target_loss_option
+@click.option("--out-dir", type=UserPath(file_okay=False), help="Where the report files go.")
 @click.option("--no-log-model", is_flag=True, help="Cells log no MLflow Model (checkpoints only).")
 @click.option("--register-model", metavar="NAME", help="Register the best cell's best-seed model as a version of NAME.")
 @friendly_errors
@@ -201,10 +215,12 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
 @click.option("--cpus-per-task", type=click.IntRange(1, 1024), default=8, show_default=True)
 @click.option("--mem", help="Memory per task, e.g. 32G.")
 @click.option("--sbatch", "extra", multiple=True, metavar="OPTION", help="Another #SBATCH option; repeatable.")
-@click.option("--log-dir", default="slurm-logs", show_default=True, help="Where each task's output goes.")
+@click.option(
+    "--log-dir", type=UserPath(file_okay=False), default="slurm-logs", show_default=True, help="Where each task writes."
+)
 @click.option("--python", "python", default=sys.executable, show_default="this Python", help="Python on the nodes.")
-@click.option("--target-loss", type=float, help="Passed on to the report of the last task.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Script file (default: <grid name>.sbatch).")
+@click.option("--target-loss", type=TARGET_LOSS, help="Passed on to the report of the last task.")
+@click.option("-o", "--output", type=UserPath(dir_okay=False), help="Script file (default: <grid name>.sbatch).")
 @friendly_errors
 def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
           tasks, max_running, partition, account, time_limit, gpus_per_task, gres, per_gpu, cpus_per_task, mem, extra,
@@ -262,8 +278,8 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
 @main.command(context_settings=CONTEXT)
 @click.argument("parent_run_id")
 @tracking_uri_option
-@click.option("--target-loss", type=float, help="Loss for tokens/time-to-target (default: worst run's best).")
-@click.option("--out-dir", type=click.Path(file_okay=False), help="Where the report files go.")
+@target_loss_option
+@click.option("--out-dir", type=UserPath(file_okay=False), help="Where the report files go.")
 @friendly_errors
 def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
     """Compare the cells of a grid from MLflow: table, curves, main effects, fits (logged to the parent)."""

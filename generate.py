@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from gpt import env
 from gpt.cli import (
     CONTEXT,
     Command,
+    FiniteFloat,
+    UserPath,
     cache_dir_option,
     device_option,
     friendly_errors,
@@ -46,43 +49,38 @@ if TYPE_CHECKING:
     help="A logged MLflow Model instead of a run's checkpoint: models:/NAME/1, models:/NAME@alias, runs:/<id>/model.",
 )
 @click.option("--prompt", help="Text to continue.")
-@click.option("--prompt-file", help="Read the prompt from a UTF-8 file instead.")
+@click.option("--prompt-file", type=UserPath(dir_okay=False), help="Read the prompt from a UTF-8 file instead.")
 @click.option("--max-tokens", type=int, default=100, show_default=True, help="New tokens per sample, at most.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means greedy (argmax).")
+@click.option(
+    "--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True, help="0 means greedy (argmax)."
+)
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens only.")
-@click.option("--top-p", type=float, help="Sample among the most likely tokens whose probability reaches p.")
+@click.option(
+    "--top-p",
+    type=FiniteFloat(min=0, max=1, min_open=True),
+    help="Sample among the most likely tokens whose probability reaches p.",
+)
 @click.option("--num-samples", type=int, default=1, show_default=True, help="Continuations, generated as a batch.")
 @click.option("--seed", type=int, help="Same seed, same text (default: a random seed, printed).")
 @device_option
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (one sample).")
+@click.option("--no-echo", is_flag=True, help="Print only the continuations, not the prompt and the markers.")
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole window for every token (the reference).")
+@click.option(
+    "--cache-keep",
+    type=click.IntRange(min=1),
+    help="Tokens the KV cache keeps when it fills (default half the context length); the context length "
+    "gives --no-kv-cache's text, at a full re-prefill per token.",
+)
 @click.option("--no-cuda-graph", is_flag=True, help="Decode without CUDA graphs on a GPU.")
 @click.option("--log", "log_to_run", is_flag=True, help="Save prompt, settings and text to the run's generations/.")
 @tracking_uri_option
 @tokenizer_file_option
 @cache_dir_option
 @friendly_errors
-def main(
-    run_id,
-    checkpoint,
-    model_uri,
-    prompt,
-    prompt_file,
-    max_tokens,
-    temperature,
-    top_k,
-    top_p,
-    num_samples,
-    seed,
-    device,
-    stream,
-    no_kv_cache,
-    no_cuda_graph,
-    log_to_run,
-    tracking_uri,
-    tokenizer_file,
-    cache_dir,
-):
+def main(run_id, checkpoint, model_uri, prompt, prompt_file, max_tokens, temperature, top_k, top_p, num_samples, seed,
+         device, stream, no_echo, no_kv_cache, cache_keep, no_cuda_graph, log_to_run, tracking_uri, tokenizer_file,
+         cache_dir):  # fmt: skip
     """Continue a prompt with the model of a tracked training run.
 
     \b
@@ -90,10 +88,15 @@ def main(
     python generate.py --run <run_id> --checkpoint last --prompt-file chapter.txt --stream
     python generate.py --checkpoint path/to/best.pt --prompt "Alice was" --temperature 0
     python generate.py --model models:/my-gpt/1 --prompt "Alice was"
+
+    The prompt is printed first (as the model sees it), then each continuation, each under a
+    `=== ... ===` line; --no-echo prints the continuations alone.
     """
     # every check that needs no model runs first, so a typo costs no loading time
     settings = Sampling(temperature, top_k, top_p)
-    _check_options(run_id, checkpoint, max_tokens, num_samples, stream, log_to_run, model_uri)
+    checkpoint = os.path.expanduser(checkpoint)  # a local file: `~` as a shell reads it
+    _check_options(run_id, checkpoint, max_tokens, num_samples, stream, log_to_run, model_uri,
+                   no_kv_cache and cache_keep)  # fmt: skip
     text = read_prompt(prompt, prompt_file)
 
     import torch  # the heavy imports come once the options are known to be sound
@@ -113,37 +116,47 @@ def main(
         model, cfg, encoding, info = sampling.load_model(path, torch_device, tokenizer_file)
         if run_id and info["run_id"] not in (None, run_id):
             raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
+    if log_to_run:  # before the text is generated: a store that cannot take it fails first
+        runs.check_run_store(run_id, tracking_uri, "logging")
+    context = cfg.model.context_length
+    if cache_keep is not None and cache_keep > context:
+        raise UserError(f"--cache-keep must be at most the model's context length {context}, got {cache_keep}")
     ids = sampling.encode_prompt(encoding, text)
     seed = secrets.randbelow(2**31) if seed is None else seed
     generator = torch.Generator(device=torch_device).manual_seed(seed)
     click.echo(f"{path}: epoch {info['epoch']}, {cfg.model.n_layers} layers, on {torch_device}, seed {seed}", err=True)
-    if len(ids) > cfg.model.context_length:
-        click.echo(f"the prompt has {len(ids)} tokens; the model sees the last {cfg.model.context_length}", err=True)
+    if len(ids) > context:
+        click.echo(f"the prompt has {len(ids)} tokens; the model sees the last {context}", err=True)
+    if not no_echo:
+        click.echo(f"=== prompt ===\n{_seen(encoding, ids, context)}")
 
-    options = {"generator": generator, "kv_cache": not no_kv_cache, "cuda_graph": not no_cuda_graph}
+    options = {"generator": generator, "kv_cache": not no_kv_cache, "cuda_graph": not no_cuda_graph, "keep": cache_keep}
     start = time.perf_counter()
-    rows = _sample(model, encoding, ids, max_tokens, settings, num_samples, stream, options)
+    rows = _sample(model, encoding, ids, max_tokens, settings, num_samples, stream, options, not no_echo)
     seconds = time.perf_counter() - start
     count = sum(len(row) for row in rows)
     click.echo(f"{count} tokens in {seconds:.2f} s ({count / seconds:,.1f} tokens/s)", err=True)
 
     if log_to_run:
-        record = {
-            "run": run_id,
-            "checkpoint": str(path),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "num_samples": num_samples,
-            "seed": seed,
-            "device": str(torch_device),
-            "kv_cache": not no_kv_cache,
-        }
-        samples = [encoding.decode(row) for row in rows]
-        artifact = f"generations/{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}.txt"
-        runs.log_text(run_id, artifact, sampling.generation_record(text, record, samples), tracking_uri)
-        click.echo(f"logged {artifact} to run {run_id}", err=True)
+        settings_used = {"run": run_id, "checkpoint": str(path), "max_tokens": max_tokens, "temperature": temperature,
+                         "top_k": top_k, "top_p": top_p, "num_samples": num_samples, "seed": seed,
+                         "device": str(torch_device), "kv_cache": not no_kv_cache,
+                         "cache_keep": cache_keep}  # fmt: skip
+        _log(run_id, tracking_uri, text, settings_used, [encoding.decode(row) for row in rows])
+
+
+def _log(run_id: str, tracking_uri: str | None, prompt: str, settings: dict[str, Any], samples: list[str]) -> None:
+    """--log: the prompt, the settings and the samples as a text file under the run's generations/."""
+    from gpt import runs, sampling
+
+    artifact = f"generations/{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}.txt"
+    runs.log_text(run_id, artifact, sampling.generation_record(prompt, settings, samples), tracking_uri)
+    click.echo(f"logged {artifact} to run {run_id}", err=True)
+
+
+def _seen(encoding: tiktoken.Encoding, ids: list[int], context: int) -> str:
+    """The prompt as the model sees it: its last `context` tokens, after '...' when it was cut."""
+    return encoding.decode(ids) if len(ids) <= context else "..." + encoding.decode(ids[-context:])
 
 
 def _check_options(
@@ -154,8 +167,11 @@ def _check_options(
     stream: bool,
     log_to_run: bool,
     model_uri: str | None = None,
+    keep_without_cache: bool = False,
 ) -> None:
     """The option combinations that make no sense, each a UserError that says what to give instead."""
+    if keep_without_cache:
+        raise UserError("--cache-keep sets what the KV cache keeps; drop it or --no-kv-cache")
     if max_tokens < 1 or num_samples < 1:
         raise UserError(f"--max-tokens and --num-samples must be at least 1, got {max_tokens} and {num_samples}")
     if stream and num_samples > 1:
@@ -183,12 +199,19 @@ def _sample(
     num_samples: int,
     stream: bool,
     options: dict[str, Any],
+    marked: bool,
 ) -> list[list[int]]:
-    """Generate and print the samples (streamed token by token with --stream); their token ids."""
+    """Generate and print the samples (streamed token by token with --stream); their token ids.
+
+    marked: each sample under a `=== continuation ===` (or `=== sample i/n ===`) line; else several
+    samples are separated by such lines and one is printed bare.
+    """
     from gpt import sampling
 
     eot = encoding.eot_token
     if stream:
+        if marked:
+            click.echo("=== continuation ===")
         tokens: list[int] = []
         pieces = sampling.stream(model, ids, max_tokens, settings, stop_token=eot, **options)
         for piece in sampling.text_pieces(encoding, _collect(pieces, tokens)):
@@ -198,7 +221,9 @@ def _sample(
     rows = sampling.generate(model, ids, max_tokens, settings, num_samples, stop_token=eot, **options)
     for number, row in enumerate(rows, 1):
         if num_samples > 1:
-            click.echo(f"--- sample {number}/{num_samples} ---")
+            click.echo(f"=== sample {number}/{num_samples} ===")
+        elif marked:
+            click.echo("=== continuation ===")
         click.echo(encoding.decode(row))
     return rows
 

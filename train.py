@@ -28,6 +28,7 @@ from gpt import env
 from gpt.cli import (
     CONTEXT,
     Command,
+    UserPath,
     cache_dir_option,
     device_option,
     friendly_errors,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (default: the built-in reference)."
+    "--config", "config_path", type=UserPath(dir_okay=False), help="YAML config (default: the built-in reference)."
 )
 @click.option("--data", multiple=True, help="Text file, glob or gutenberg:<id>; repeatable. Sets data.files.")
 @click.option(
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
 @click.option(
     "--replay",
     "replay_dir",
-    type=click.Path(file_okay=False),
+    type=UserPath(file_okay=False),
     help="Send the tracking data a run left undelivered (its folder, as the run's message named it).",
 )
 @click.option("--no-log-model", is_flag=True, help="Do not log the best model as an MLflow Model at the end.")

@@ -8,9 +8,12 @@ and a mistake in the options answer at once; the scripts import torch and MLflow
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -20,24 +23,61 @@ from gpt.errors import UserError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+
+class FiniteFloat(click.FloatRange):
+    """A number option that must be finite (NaN and infinities are refused, as Click's FloatRange lets
+    NaN through every bound) and, optionally, within a range: FloatRange's min, max, min_open, max_open."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The value as a float; a usage error (exit 2) for text, NaN, infinities and values out of range."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class UserPath(click.Path):
+    """click.Path with `~` expanded as a shell expands it (a quoted `~` or `--opt=~/x` arrives unexpanded),
+    so that every path option reads `~` and relative paths the same way: home, and the working directory."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The expanded path, checked by click.Path (a file where a folder is wanted, and so on)."""
+        if isinstance(value, str):
+            value = os.path.expanduser(value)
+        return super().convert(value, param, ctx)
+
+
 # The options of the same name in train.py, generate.py and ablate.py, defined once.
 tracking_uri_option = click.option(
     "--tracking-uri",
-    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).",
+    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db: mlruns/ in the "
+    "working directory); a sqlite:/// path may start with ~ or be relative to the working directory.",
 )
 tokenizer_file_option = click.option(
     "--tokenizer-file",
-    type=click.Path(dir_okay=False),
+    type=UserPath(dir_okay=False),
     help="Local GPT-2 ranks file, for use offline (default $GPT_TIKTOKEN_FILE, else download once).",
 )
 cache_dir_option = click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False),
+    type=UserPath(file_okay=False),
     help="Downloads, cleaned texts and token caches (default $GPT_CACHE_DIR, else ~/.cache/gpt-mlflow).",
 )
 device_option = click.option(
     "--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="Where to run (default auto)."
 )
+
+
+@contextlib.contextmanager
+def one_line_usage() -> Iterator[None]:
+    """Click's usage errors raised in the block as one line, `error: ...`, like every other error; exit 2."""
+    try:
+        yield
+    except click.UsageError as exc:
+        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        sys.exit(exc.exit_code)
 
 
 class Command(click.Command):
@@ -47,11 +87,27 @@ class Command(click.Command):
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
     ) -> click.Context:
         """Click's context, or a one-line usage error and exit 2."""
-        try:
+        with one_line_usage():
             return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as exc:
-            click.echo(f"error: {exc.format_message()} (see --help)", err=True)
-            sys.exit(exc.exit_code)
+
+
+class Group(click.Group):
+    """A Click group (ablate.py) whose subcommands are Commands, and whose own usage errors (an unknown
+    subcommand) are one line too."""
+
+    command_class = Command
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        """Click's context, or a one-line usage error and exit 2."""
+        with one_line_usage():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[Any, Any, list[str]]:
+        """(name, subcommand, remaining args), or a one-line usage error and exit 2."""
+        with one_line_usage():
+            return super().resolve_command(ctx, args)
 
 
 def one_line(text: str, limit: int = 300) -> str:

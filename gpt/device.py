@@ -37,7 +37,8 @@ def resolve_device(requested: str, option: str = "train.device") -> torch.device
         raise UserError(f"{option} must be one of {', '.join(DEVICES)}; got {requested!r}")
     if not available[requested]:
         what = "CUDA GPU" if requested == "cuda" else "MPS device"
-        raise UserError(f"{option} is {requested} but no {what} is available; use --device auto or cpu")
+        fix = f"use {option} auto or cpu" if option.startswith("--") else "set it to auto or cpu"
+        raise UserError(f"{option} is {requested} but no {what} is available; {fix}")
     return torch.device(requested)
 
 

@@ -11,7 +11,6 @@ RUNNING run behind. Once a run is open, TrackedRun ends it in a state that says 
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,11 +25,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint, distributed
-from gpt.config import Config, dump_yaml
+from gpt.config import Config, dump_yaml, resumable_keys
 from gpt.data import Corpus, build_corpus, data_stats
 from gpt.device import autocast_dtype, device_name, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
+from gpt.estimate import describe_estimate, estimate
 from gpt.mlflow_native import make_native
 from gpt.model import GPT
 from gpt.reporting import Checkpoints, ProgressBar, Reporter
@@ -40,10 +40,11 @@ from gpt.sizes import DataStats, count_parameters, flops_per_token
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, resolve_tracking_uri, with_retries
 from gpt.tokenizer import get_encoding
 from gpt.tracked_run import JobResult, TrackedRun, final_val_loss
+from gpt.tracking import Tracker
 from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=,:@-]{0,249}$")
+MAX_RUN_NAME = 250  # characters: MLflow's runs.name column
 
 
 @dataclass
@@ -89,11 +90,26 @@ def default_run_name(cfg: Config) -> str:
 
 
 def check_run_name(name: str) -> str:
-    """The name, or UserError when MLflow or a search filter could not take it."""
-    if not _RUN_NAME.match(name) or ".." in name:
+    """The name, or UserError when MLflow cannot take it.
+
+    MLflow stores any text as a run name (a tag, and a column of 250 characters), Unicode included:
+    only what breaks it or its display is refused: more than 250 characters, control characters
+    (tabs, newlines), and nothing but spaces.
+    """
+    if not name.strip() or len(name) > MAX_RUN_NAME or not name.isprintable():
         raise UserError(
-            f"run name {name!r} is not allowed: use letters, digits, spaces and . _ - + = , : @ (no '/' or '..')"
+            f"run name {name!r} is not allowed: MLflow takes 1 to {MAX_RUN_NAME} printable characters in any "
+            "script, not only spaces (no tabs, newlines or other control characters)"
         )
+    return name
+
+
+def check_grid_name(name: str) -> str:
+    """A grid's name: a run name (the parent run's) that is also searched for in MLflow, where a filter
+    string has no escapes, and that names files (its Slurm script): UserError with quotes or '/'."""
+    check_run_name(name)
+    if any(c in name for c in "'\"/"):
+        raise UserError(f"grid name {name!r} is not allowed: it names files and is searched in MLflow (no ' \" or /)")
     return name
 
 
@@ -132,10 +148,23 @@ def describe(prepared: Prepared) -> list[str]:
         f"per epoch: {s.steps_per_epoch:,} steps of batch {cfg.train.batch_size}, {s.tokens_per_epoch:,} tokens",
         f"device: {prepared.device}",
     ]
+    if cfg.window_stride > cfg.window_length:
+        lines.insert(3, stride_gap_line(cfg.window_stride, cfg.window_length, s))
     if ranks.active:
         share = -(-cfg.train.batch_size // ranks.world_size)
         lines.append(f"ranks: {ranks.world_size} processes, up to {share} windows of each batch on each")
+    if ranks.is_main:  # the others print nothing: no need to time anything there
+        found = estimate(cfg, s, prepared.device, ranks.world_size)
+        lines += describe_estimate(found, prepared.device, prepared.n_params)
     return lines
+
+
+def stride_gap_line(stride: int, length: int, stats: DataStats) -> str:
+    """What a stride longer than the window leaves out of training."""
+    return (
+        f"note: data.stride {stride} is longer than the window ({length} tokens): {stats.uncovered_fraction:.1%} "
+        f"of the training tokens ({stats.uncovered_tokens:,}) are in no window and are never trained on"
+    )
 
 
 def run_params(prepared: Prepared) -> dict[str, Any]:
@@ -152,6 +181,7 @@ def run_params(prepared: Prepared) -> dict[str, Any]:
         train_windows=s.train_windows,
         val_windows=s.val_windows,
         steps_per_epoch=s.steps_per_epoch,
+        train_uncovered_fraction=round(s.uncovered_fraction, 6),  # text no window holds (a stride over the window)
         device=str(prepared.device),
         dtype=str(autocast_dtype(cfg.train, prepared.device) or torch.float32).replace("torch.", ""),
     )
@@ -252,14 +282,27 @@ def train(
                 log_points=tracked.tracker.log_points,
                 echo=options.echo,
             )
-            progress = ProgressBar(cfg.train.batch_size * cfg.window_length, options.progress and sys.stderr.isatty())
+            tokens_per_step, terminal = cfg.train.batch_size * cfg.window_length, sys.stderr.isatty()
+            progress = ProgressBar(tokens_per_step, options.progress, cfg.train.epochs, terminal, options.echo)
             tracked.watch(reporter, checkpoints, progress)
             make_native(tracked, prepared, options, encoding, new_run=resume_run_id is None)
             if resume_run_id is None:
                 tracked.tracker.log_params(run_params(prepared))
                 tracked.tracker.log_text(dump_yaml(cfg), "config.yaml")
+            else:
+                record_new_plan(tracked.tracker, run, cfg)
             trainer.fit()
     return tracked.result
+
+
+def record_new_plan(tracker: Tracker, run: Run, cfg: Config) -> None:
+    """A resume that changes resumable keys (e.g. --epochs) records the new values where the UI shows them:
+    MLflow params cannot change, so each becomes a tag plan.<key>, and config.yaml is logged again."""
+    flat = cfg.flat()
+    changed = {key: flat[key] for key in resumable_keys() if run.data.params.get(key, str(flat[key])) != str(flat[key])}
+    if changed:
+        tracker.set_tags({f"plan.{key}": value for key, value in changed.items()})
+        tracker.log_text(dump_yaml(cfg), "config.yaml")
 
 
 def checkpoint_extra(prepared: Prepared, tracking_uri: str) -> dict[str, Any]:

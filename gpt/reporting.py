@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from gpt import checkpoint, metrics
 from gpt.config import Config
+from gpt.estimate import duration
 from gpt.sampling import sample_text
 from gpt.tracking import Tracker
 from gpt.trainer import EpochMetrics, StepPoints, Trainer
@@ -26,6 +27,7 @@ from gpt.trainer import EpochMetrics, StepPoints, Trainer
 METRICS_EVERY_S = 1.0  # metric points are spooled (an fsync, ~1-5 ms) at most this often
 PLOT_EVERY_S = 10.0  # the loss curve is redrawn at most this often (~0.1 s of the sender's CPU and the GIL)
 SAMPLE_SHARE = 0.05  # samples that take at most this share of an epoch are not throttled by time
+PROGRESS_LINE_EVERY_S = 30.0  # a progress line this often in output that is not a terminal (a log file)
 
 
 @contextlib.contextmanager
@@ -168,29 +170,84 @@ class Checkpoints:
 
 
 class ProgressBar:
-    """epoch, step, loss and tokens/s on a terminal. The loss lives on the device, so it is read
-    (a host sync) at most once a second, not every step."""
+    """Where training is, step by step (the trainer's on_step).
 
-    def __init__(self, tokens_per_step: int, enabled: bool):
-        self.tokens_per_step, self.enabled = tokens_per_step, enabled
+    On a terminal, a bar per epoch: step, loss and tokens/s. In output that is not a terminal (a shell
+    script's log file), a line every `every_s` seconds: epoch, step, loss, tokens/s and the time left in
+    the epoch and the run. The loss lives on the device, so it is read (a host sync) at most once a second.
+
+    Rates are measured steps over measured time, never over a step whose start was not seen: an epoch's
+    first update uses the previous epoch's rate, the run's first update the time since this object was
+    made (just before training starts).
+    """
+
+    def __init__(
+        self,
+        tokens_per_step: int,
+        enabled: bool,
+        epochs: int = 1,
+        terminal: bool = True,
+        echo: Callable[[str], None] = print,
+        every_s: float | None = None,
+    ):
+        """terminal: a bar on stderr, else lines through echo every every_s (default PROGRESS_LINE_EVERY_S)."""
+        self.tokens_per_step, self.enabled, self.epochs, self.terminal = tokens_per_step, enabled, epochs, terminal
+        self.echo, self.every_s = echo, PROGRESS_LINE_EVERY_S if every_s is None else every_s
         self.bar: tqdm | None = None
-        self.epoch, self.last_read, self.started = 0, 0.0, 0.0
+        self.epoch, self.last_read = 0, 0.0
+        # the rate's baseline: (steps done, time); the first step of the run counts from now
+        self.base: tuple[int | None, float] = (None, time.monotonic())
+        self.steps_per_s: float | None = None
+        self.last_line = time.monotonic()
 
     def __call__(self, epoch: int, done: int, total: int, loss: torch.Tensor) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
         if epoch != self.epoch:
-            self.close()
-            self.bar = tqdm(total=total, initial=done - 1, desc=f"epoch {epoch}", unit="step", leave=False)
-            self.epoch, self.started, self.first_done = epoch, now, done - 1
-        self.bar.update(1)
-        if now - self.last_read >= 1.0 or done == total:
-            rate = (done - self.first_done) * self.tokens_per_step / max(now - self.started, 1e-9)
-            self.bar.set_postfix_str(f"loss {float(loss):.3f}, {rate:,.0f} tokens/s")
+            self._start_epoch(epoch, done, total, now)
+        elif self.bar is not None:
+            self.bar.update(1)
+        base_done, base_time = self.base
+        if done > base_done and now > base_time:
+            self.steps_per_s = (done - base_done) / (now - base_time)
+        if self.terminal and (now - self.last_read >= 1.0 or done == total):
+            left = self._left(epoch, done, total)
+            run_left = f", run ~{duration(left[1])} left" if left else ""
+            self.bar.set_postfix_str(f"loss {float(loss):.3f}{self._tokens_per_s()}{run_left}")
             self.last_read = now
+        if not self.terminal and now - self.last_line >= self.every_s:
+            self.echo(self.line(epoch, done, total, float(loss)))
+            self.last_line = now
         if done == total:  # validation and the epoch's summary line come next
             self.close()
+
+    def _start_epoch(self, epoch: int, done: int, total: int, now: float) -> None:
+        """An epoch's first step seen here: a new bar, and the baseline of the epoch's rate."""
+        self.close()
+        first_of_run = self.base[0] is None
+        self.base = (done - 1, self.base[1]) if first_of_run else (done, now)
+        self.epoch = epoch
+        if self.terminal:  # tqdm's own rate counts from here: steps after this one, over their time
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", unit="step", leave=False)
+
+    def _tokens_per_s(self) -> str:
+        return f", {self.steps_per_s * self.tokens_per_step:,.0f} tokens/s" if self.steps_per_s else ""
+
+    def _left(self, epoch: int, done: int, total: int) -> tuple[float, float] | None:
+        """Seconds of training steps left in the epoch and in the run at the measured rate (None: no rate yet)."""
+        if not self.steps_per_s:
+            return None
+        epoch_left = (total - done) / self.steps_per_s
+        return epoch_left, epoch_left + (self.epochs - epoch) * total / self.steps_per_s
+
+    def line(self, epoch: int, done: int, total: int, loss: float) -> str:
+        """The progress line of output that is not a terminal: epoch, step, loss, tokens/s, time left."""
+        text = f"progress: epoch {epoch}/{self.epochs}, step {done}/{total}, loss {loss:.3f}{self._tokens_per_s()}"
+        left = self._left(epoch, done, total)
+        if left:
+            text += f", ~{duration(left[0])} left in the epoch, ~{duration(left[1])} in the run (training steps)"
+        return text
 
     def close(self) -> None:
         """Remove the bar (an epoch's end, or training stopped)."""

@@ -25,8 +25,8 @@ from gpt import checkpoint, metrics
 from gpt.config import Config, apply_overrides, resumable_keys, validate
 from gpt.data import Corpus
 from gpt.errors import UserError
-from gpt.runs import NoCheckpoint, find_checkpoint, local_run_dir
-from gpt.store import check_tracking_uri, local_artifact_dir, resolve_tracking_uri, with_retries
+from gpt.runs import NoCheckpoint, check_run_store, find_checkpoint, local_run_dir
+from gpt.store import check_tracking_uri, local_artifact_dir, resolve_tracking_uri, sqlite_path, with_retries
 from gpt.tracking import Ending, Replayed, Spool, replay, run_meta, write_run_record
 from gpt.trainer import TrainState
 
@@ -102,7 +102,10 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
     cfg = _resumed_config(payload, source, run_id, overrides)
     state = TrainState.from_dict(payload["state"], source)
     if not by_id and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = payload.get("tracking_uri") or uri
+        uri = resolve_tracking_uri(payload.get("tracking_uri") or uri)
+        _check_checkpoint_store(uri, path)
+    if sqlite_path(uri) is not None:  # a local store: it must exist, hold the run, and not have moved
+        check_run_store(run_id, uri, "resuming")
     return Resumption(cfg, payload, run_id, uri, path, complete=state.epoch >= cfg.train.epochs)
 
 
@@ -197,6 +200,17 @@ def finish_complete(resumption: Resumption, cache_dir: Path) -> Replayed:
     if not (local / "run.json").is_file():  # resumed on another machine than it trained on
         write_run_record(local, {"run_id": run_id, "tracking_uri": uri})
     return replay(local, uri, ending=functools.partial(ending_from_checkpoint, local), always_end=True)
+
+
+def _check_checkpoint_store(uri: str, checkpoint_file: Path) -> None:
+    """UserError when the SQLite store a checkpoint file names is gone (a moved store), naming the store
+    found in a folder above the checkpoint, if any."""
+    store = sqlite_path(uri)
+    if store is None or store.is_file():
+        return
+    beside = next((f / store.name for f in checkpoint_file.resolve().parents if (f / store.name).is_file()), None)
+    found = f"; the store above the checkpoint: --tracking-uri sqlite:///{beside}" if beside else ""
+    raise UserError(f"checkpoint {checkpoint_file} names the store {store}, which does not exist (moved?){found}")
 
 
 def check_same_data(payload: dict[str, Any], corpus: Corpus) -> None:

@@ -29,13 +29,19 @@ STOP_CHECK_EVERY = 16  # steps between host syncs that ask whether every sample 
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Token ids (batch,) drawn from logits (batch, vocab), on the logits' device without a host sync."""
+    """Token ids (batch,) drawn from logits (batch, vocab), on the logits' device without a host sync.
+
+    Every id is in [0, vocab) whatever the logits and temperature: where the tempered softmax is not
+    finite (a temperature near 0, infinite logits) the row's argmax is taken, the limit of a falling
+    temperature.
+    """
     logits = logits.float()
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     if sampling.top_k is not None and sampling.top_k < logits.size(-1):
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    greedy = logits.argmax(dim=-1)  # before the temperature, which can overflow every kept logit to inf
     logits = logits / sampling.temperature
     if sampling.top_p is not None and sampling.top_p < 1:
         ordered, order = logits.sort(dim=-1, descending=True)
@@ -51,7 +57,12 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     total = cdf[..., -1:]
     u = torch.rand(total.shape, generator=generator, device=total.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True)[..., 0]
+    drawn = torch.searchsorted(cdf, u, right=True)[..., 0]
+    # A tiny temperature overflows the scaled logits to inf and the softmax to NaN, where searchsorted
+    # answers one past the vocabulary: such rows take the temperature's limit, the argmax (always an
+    # id in the vocabulary). Selected on the device: no host sync, and CUDA graphs can capture it.
+    usable = torch.isfinite(total[..., 0]) & (total[..., 0] > 0) & (drawn < logits.size(-1))
+    return torch.where(usable, drawn, greedy)
 
 
 class CachedDecoder:

@@ -53,6 +53,15 @@ def count_windows(n_tokens: int, length: int, stride: int) -> int:
     return 0 if n_tokens <= length else (n_tokens - length - 1) // stride + 1
 
 
+def uncovered_tokens(n_tokens: int, length: int, stride: int) -> int:
+    """Tokens of a stream of n_tokens that no window holds, as input or target: the gaps between windows
+    when the stride exceeds length + 1, and the tail after the last window (under `stride` tokens)."""
+    windows = count_windows(n_tokens, length, stride)
+    if windows == 0:
+        return n_tokens
+    return n_tokens - ((windows - 1) * min(stride, length + 1) + length + 1)
+
+
 def steps_per_epoch(n_windows: int, batch_size: int, drop_last: bool) -> int:
     """Optimizer steps per epoch; a partial last batch counts unless dropped (kept when it is the only one)."""
     full, rest = divmod(n_windows, batch_size)
@@ -71,6 +80,12 @@ class DataStats:
     val_windows: int
     steps_per_epoch: int
     tokens_per_epoch: int  # target tokens the model trains on per epoch
+    uncovered_tokens: int = 0  # training tokens in no window (uncovered_tokens): a stride over the window skips text
+
+    @property
+    def uncovered_fraction(self) -> float:
+        """The share of the training tokens that no window covers (0 to 1)."""
+        return self.uncovered_tokens / self.train_tokens if self.train_tokens else 0.0
 
 
 def window_stats(cfg: Config, train_tokens: int, val_tokens: int) -> DataStats:
@@ -86,4 +101,5 @@ def window_stats(cfg: Config, train_tokens: int, val_tokens: int) -> DataStats:
         val_windows=count_windows(val_tokens, length, length),
         steps_per_epoch=steps,
         tokens_per_epoch=used * length,
+        uncovered_tokens=uncovered_tokens(train_tokens, length, stride),
     )

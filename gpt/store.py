@@ -60,8 +60,20 @@ class TrackingUnavailable(UserError):
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under ./mlruns."""
-    return cli_uri or env.tracking_uri() or DEFAULT_TRACKING_URI
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under ./mlruns.
+
+    A SQLite URI comes back absolute (`~` expanded, a relative path taken from the working directory),
+    so that MLflow, the artifacts, the spool and every message name the same file.
+    """
+    return absolute_uri(cli_uri or env.tracking_uri() or DEFAULT_TRACKING_URI)
+
+
+def default_store_note(cli_uri: str | None) -> str:
+    """Where an unknown run or a missing store was looked for, when neither --tracking-uri nor
+    $MLFLOW_TRACKING_URI chose the store: the default depends on the working directory."""
+    if cli_uri or env.tracking_uri():
+        return ""
+    return " (the default store, mlruns/ in the working directory; run from the folder you trained in)"
 
 
 def absolute_uri(uri: str) -> str:

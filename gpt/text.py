@@ -135,7 +135,10 @@ def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
             body = response.read()
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"data: could not download gutenberg:{book_id} from {url} ({reason})") from None
+        raise UserError(
+            f"data: could not download gutenberg:{book_id} from {url} ({reason}); offline, give the book as a "
+            f"file (--data book.txt) or point {env.GUTENBERG_URL} at a mirror, with {{id}} for the number"
+        ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.part")
     partial.write_bytes(body)
@@ -149,7 +152,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise UserError("give exactly one of --prompt TEXT and --prompt-file FILE")
     if prompt is not None:
         return prompt
-    path = Path(prompt_file)
+    path = Path(prompt_file).expanduser()
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
     if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # UTF-8 takes at most 4 bytes a character

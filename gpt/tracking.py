@@ -38,6 +38,7 @@ from gpt import env
 from gpt.delivery import deliver_datasets, deliver_model
 from gpt.errors import DiskFault, UserError, disk_fault, writing
 from gpt.plots import loss_curve
+from gpt.runs import check_run_store
 from gpt.store import (
     TrackingUnavailable,
     check_tracking_uri,
@@ -315,7 +316,7 @@ class Tracker:
             self._put({"kind": "metrics", "points": points})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        """Run tags, values as strings (the run's description: gpt.run_summary)."""
+        """Run tags, values as strings (the run's description: gpt.run_summary; a resume's new plan: gpt.job)."""
         self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -535,9 +536,11 @@ def replay(
     URI defaults to the run's own. Unreadable spool lines are skipped and counted.
     """
     run_id, own_uri, _ = run_meta(local_dir)
-    uri = tracking_uri or own_uri or resolve_tracking_uri()
-    check_tracking_uri(uri)
     with run_lock(local_dir, run_id):
+        uri = replay_store(local_dir, tracking_uri, own_uri)
+        check_tracking_uri(uri)
+        if sqlite_path(uri) is not None:  # the run must be there, and its artifacts where MLflow recorded them
+            check_run_store(run_id, uri, "replaying")
         spool = Spool(local_dir)
         items = spool.items()
         client = open_client(uri)
@@ -556,6 +559,26 @@ def replay(
             spool.mark_delivered(item["seq"])
             clear_staged(item, local_dir)
     return Replayed(run_id, len(pending), status, spool.unreadable)
+
+
+def replay_store(local_dir: Path, tracking_uri: str | None, recorded: str | None) -> str:
+    """The store a spool is replayed into: --tracking-uri, else the run's own (recorded), else the default.
+
+    Replay never creates a store: a SQLite store must exist. When the run's own is gone and a store of
+    that name sits above the spool (a spool lives in <store folder>/local/<run_id>), the store moved
+    with its spool, and that one is used. Raises UserError naming the missing store.
+    """
+    uri = resolve_tracking_uri(tracking_uri or recorded)
+    store = sqlite_path(uri)
+    if store is None or store.is_file():
+        return uri
+    moved = local_dir.resolve().parent.parent / store.name
+    if tracking_uri is None and moved.is_file():
+        return f"sqlite:///{moved}"
+    raise UserError(
+        f"no MLflow store at {store}: --replay sends a run's spool to the store that holds the run; "
+        "pass that store's --tracking-uri"
+    )
 
 
 def _replay_one(client: MlflowClient, run_id: str, item: dict[str, Any], local_dir: Path, uri: str) -> None:

@@ -2,33 +2,103 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import importlib.util
 import os
 import queue
+import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = ROOT.parent / "shared"  # public-domain texts and GPT-2's ranks beside the clone, where CI has them
 CORPUS = SHARED / "corpus"
-ALICE = CORPUS / "alice_in_wonderland.txt"
-VERDICT = CORPUS / "the_verdict.txt"
-RANKS = SHARED / "tokenizer" / "gpt2.tiktoken"
+ALICE = CORPUS / "alice_in_wonderland.txt"  # the tests that read this very book skip without it
+GENERATED = Path(tempfile.gettempdir()) / "gpt-mlflow-tests"
+needs_alice = pytest.mark.skipif(not ALICE.is_file(), reason=f"no {ALICE} (the shared public-domain corpus)")
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _atomic_write(path: Path, content: str) -> Path:
+    """Write a file other test processes may be writing at the same moment, with the same content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    partial.write_text(content, encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def story(n_chars: int = 24_000, seed: int = 0) -> str:
+    """A plain English text of about n_chars characters, the same every time: sentences drawn from a small
+    self-written grammar, so a tiny model has something to learn. The tests' own text, in place of the
+    shared corpus."""
+    rng = random.Random(seed)
+    who = ["the old keeper", "a young sailor", "the miller's daughter", "my brother", "the tall stranger",
+           "a grey cat", "the doctor", "our neighbour", "the little boy", "the captain"]
+    did = ["walked slowly to", "looked out over", "wrote a letter about", "dreamed once more of", "ran back to",
+           "sang quietly beside", "painted a picture of", "forgot everything about", "waited all night by"]
+    what = ["the lighthouse", "the harbour", "the narrow bridge", "the garden wall", "the empty church",
+            "the river", "the market square", "the mill", "the cold sea", "the station"]
+    when = ["in the morning", "before the storm", "after supper", "on a Sunday", "at the end of summer",
+            "when the bells rang", "while it rained", "as the sun went down"]
+    said = ['"It is late," said {w}.', '"Come and see," {w} whispered.', '"I remember it well," said {w}.',
+            '"Nobody knew," {w} answered, "and nobody asked."']  # fmt: skip
+    sentences = []
+    while sum(len(x) + 1 for x in sentences) < n_chars:
+        if rng.random() < 0.2:
+            sentences.append(rng.choice(said).format(w=rng.choice(who)))
+        else:
+            sentence = f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(when)}."
+            sentences.append(sentence[0].upper() + sentence[1:])
+        if rng.random() < 0.1:
+            sentences.append("\n\n")
+    return " ".join(sentences).replace(" \n\n ", "\n\n")
+
+
+def _ranks_file() -> Path:
+    """GPT-2's ranks: $GPT_TIKTOKEN_FILE, else the shared copy, else tiktoken's own download written out
+    as a ranks file (the tests point every process at one file). May not exist: tests then skip."""
+    given = os.environ.get("GPT_TIKTOKEN_FILE", "").strip()
+    if given:
+        return Path(given).expanduser()
+    shared = SHARED / "tokenizer" / "gpt2.tiktoken"
+    written = GENERATED / "gpt2.tiktoken"
+    if shared.is_file() or written.is_file():
+        return shared if shared.is_file() else written
+    try:
+        import tiktoken
+
+        ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks  # downloads once, into tiktoken's cache
+    except Exception:  # offline: the tests that need a tokenizer skip, naming the file
+        return shared
+    lines = (f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1]))
+    return _atomic_write(written, "\n".join(lines) + "\n")
+
+
+RANKS = _ranks_file()
 if RANKS.is_file():
     os.environ.setdefault("GPT_TIKTOKEN_FILE", str(RANKS))
+# a short public-domain story (20 KB, 5,145 tokens) when the shared corpus is there, else a story of ~5,100 tokens
+VERDICT = CORPUS / "the_verdict.txt"
+if not VERDICT.is_file():
+    VERDICT = _atomic_write(GENERATED / "story.txt", story())
 
 
 # A train.py command line that trains in seconds on a CPU: tests add the settings they pin down.
@@ -58,6 +128,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_script(name: str) -> types.ModuleType:
+    """A script of the repository (generate.py...) as a module, under its own name plus _script."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_options_exist(message: str, command: click.Command, given: list[str]) -> None:
+    """Every --option a message names is an option of the command that printed it (the user's own aside)."""
+    options = {name for param in command.params for name in [*param.opts, *param.secondary_opts]}
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", message)) - {"--help", *given}
+    assert mentioned <= options, f"{command.name} has no option {', '.join(sorted(mentioned - options))}: {message}"
 
 
 def run_train(args: list[str]) -> tuple[int, str]:
@@ -166,7 +251,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """
     return {
         **os.environ,
-        "GPT_TIKTOKEN_FILE": str(RANKS),
+        **({"GPT_TIKTOKEN_FILE": str(RANKS)} if RANKS.is_file() else {}),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",

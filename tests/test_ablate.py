@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_GRID, VERDICT
+from conftest import TINY_GRID, VERDICT, assert_options_exist
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -191,6 +191,7 @@ def test_bad_grid_file_gives_one_line_error(tmp_path: Path, grid_text: str, mess
     assert code == 2, output
     lines = output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], output
+    assert_options_exist(lines[0], ablate.plan, [])
 
 
 def test_missing_grid_file_and_bad_options_are_one_line_errors(tmp_path: Path) -> None:
@@ -203,3 +204,23 @@ def test_missing_grid_file_and_bad_options_are_one_line_errors(tmp_path: Path) -
         code, output = invoke(*args)
         lines = output.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], f"{args}: {output}"
+        assert_options_exist(lines[0], ablate.main.commands[args[0]], args)
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "slurm"])
+@pytest.mark.parametrize(("value", "message"), [("nan", "'nan' is not a finite number"),
+                                                ("inf", "'inf' is not a finite number"),
+                                                ("-1", "-1.0 is not in the range x>0")])  # fmt: skip
+def test_target_loss_must_be_a_finite_positive_number(tmp_path: Path, monkeypatch, command, value, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["parent-id"] if command == "compare" else GRID
+    code, output = invoke(command, *args, "--target-loss", value, "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1, output
+    assert lines[0].startswith("error: Invalid value for '--target-loss'") and message in lines[0], output
+    assert list(tmp_path.iterdir()) == [], "nothing is created for bad input"
+
+
+def test_usage_errors_of_the_group_are_one_line() -> None:
+    code, output = invoke("plot")
+    assert code == 2 and output.strip() == "error: No such command 'plot'. (see --help)"

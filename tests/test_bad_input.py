@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import RANKS, ROOT, VERDICT
+from conftest import RANKS, ROOT, VERDICT, assert_options_exist
 from mlflow.tracking import MlflowClient
 
 import train
 from gpt import checkpoint
 from gpt.config import Config, ModelConfig
 from gpt.data import sha256_file
+from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.state import TrainState
 from gpt.trainer import build_optimizer
@@ -118,6 +119,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     old_state = training_checkpoint(**resumable)
     old_state["state"]["epoch_loss_sum"] = old_state["state"].pop("epoch_losses")
     checkpoint.save(inputs / "old-state.pt", old_state)
+    checkpoint.save(inputs / "moved.pt", training_checkpoint(finished, f"sqlite:///{inputs}/gone/mlflow.db", epoch=1))
+    orphan = inputs / "orphan-spool"  # a run's spool whose store is gone, with no store above it
+    orphan.mkdir()
+    (orphan / "run.json").write_text(f'{{"run_id": "{finished}", "tracking_uri": "sqlite:///{inputs}/gone/mlflow.db"}}')
+    (orphan / "lock").touch()
     edited = inputs / "verdict-copy.txt"
     shutil.copy(VERDICT, edited)
     checkpoint.save(inputs / "edited-data.pt", training_checkpoint(**resumable, data=edited))
@@ -144,7 +150,8 @@ def case(name: str, script: str, args: list[str], words: str) -> object:
 
 # (name, script, arguments, words the one-line error must contain). In arguments, {inputs}, {uri},
 # {finished} and {bare} are filled from the world; train.py cases get --tracking-uri for a store
-# in the working folder unless they name one, so a store created by mistake would show.
+# in the working folder unless they name one (or resume or replay a run, which names its own), so a
+# store created by mistake would show.
 CASES = [
     # configs
     case("yaml is a list", "train", ["--config", "{inputs}/list.yaml"], "expected a mapping of sections"),
@@ -171,6 +178,10 @@ CASES = [
     case("override wrong type", "train", [*BASE, "--set", "model.n_layers=many"], "model.n_layers: expected int"),
     case("negative learning rate", "train", [*BASE, "--set", "train.lr=-0.1"], "train.lr must be positive"),
     case("negative temperature", "train", [*BASE, "--set", "train.temperature=-1"], "train.temperature must not be"),
+    case("temperature nan", "train", [*BASE, "--set", "train.temperature=.nan"], "expected a finite number"),
+    case("temperature nan text", "train", [*BASE, "--set", "train.temperature=nan"], "train.temperature: expected"),
+    case("learning rate inf", "train", [*BASE, "--set", "train.lr=.inf"], "train.lr: expected a finite number"),
+    case("dropout -inf", "train", [*BASE, "--set", "model.dropout=-.inf"], "model.dropout: expected a finite"),
     case("heads do not divide", "train", [*BASE, "--set", "model.n_heads=3"], "must be divisible by model.n_heads"),
     case("dropout of 1.5", "train", [*BASE, "--set", "model.dropout=1.5"], "model.dropout must be in [0, 1)"),
     case("stride of 0", "train", [*BASE, "--set", "data.stride=0"], "data.stride must be at least 1"),
@@ -184,8 +195,11 @@ CASES = [
     case("zero epochs", "train", [*BASE, "--epochs", "0"], "train.epochs must be at least 1"),
     case("unknown option", "train", [*BASE, "--epoch", "3"], "No such option '--epoch'"),
     case("unknown device option", "train", [*BASE, "--device", "tpu"], "Invalid value for '--device'"),
-    case("run name escapes", "train", [*BASE, "--run-name", "../escape"], "run name '../escape' is not allowed"),
+    case("run name with a newline", "train", [*BASE, "--run-name", "a\nb"], "run name 'a\\nb' is not allowed"),
+    case("run name with a tab", "train", [*BASE, "--run-name", "a\tb"], "no tabs, newlines or other control"),
+    case("run name too long", "train", [*BASE, "--run-name", "x" * 251], "1 to 250 printable characters"),
     case("run name empty", "train", [*BASE, "--run-name", ""], "run name '' is not allowed"),
+    case("run name blank", "train", [*BASE, "--run-name", "   "], "not only spaces"),
     case("experiment blank", "train", [*BASE, "--experiment", " "], "experiment name must not be empty"),
     case("experiment empty", "train", [*BASE, "--experiment", ""], "experiment name must not be empty"),
     case("server unreachable", "train", [*BASE, "--tracking-uri", f"http://127.0.0.1:{CLOSED_PORT}"], "not reachable"),
@@ -209,6 +223,15 @@ CASES = [
     case("replay a missing folder", "train", ["--replay", "{inputs}/none"], "no such folder"),
     case("replay a folder without spool", "train", ["--replay", "{inputs}/folder"], "run.json is missing"),
     case("replay with a config", "train", ["--replay", "{inputs}/folder", "--config", TINY_YAML], "drop --config"),
+    case("replay to a missing store", "train", ["--replay", "{inputs}/orphan-spool"],
+         "no MLflow store at {inputs}/gone"),
+    case("replay to another missing store", "train",
+         ["--replay", "{inputs}/orphan-spool", "--tracking-uri", "sqlite:///{inputs}/none.db"],
+         "no MLflow store at {inputs}/none.db"),
+    case("resume from a moved store", "train", ["--resume", "{inputs}/moved.pt"],
+         "names the store {inputs}/gone/mlflow.db, which does not exist (moved?)"),
+    case("resume into a missing store", "train", ["--resume", "{inputs}/good.pt", "--tracking-uri", "sqlite:///x.db"],
+         "no MLflow store at"),
     # checkpoints
     case("resume changes the model", "train", ["--resume", "{inputs}/good.pt", "--set", "model.emb_dim=32"],
          "may change, not model.emb_dim"),
@@ -223,10 +246,12 @@ CASES = [
     case("resume older state format", "train", ["--resume", "{inputs}/old-state.pt"], "not from this version"),
     case("resume edited data", "train", ["--resume", "{inputs}/edited-data.pt"], "changed since run"),
     # generate.py
-    case("negative temperature", "generate", [*SAMPLE, "--temperature", "-1"],
-     "temperature must not be negative"),
+    case("negative temperature", "generate", [*SAMPLE, "--temperature", "-1"], "not in the range x>=0"),
+    case("temperature nan", "generate", [*SAMPLE, "--temperature", "nan"], "'nan' is not a finite number"),
+    case("temperature inf", "generate", [*SAMPLE, "--temperature", "inf"], "'inf' is not a finite number"),
     case("top-k of 0", "generate", [*SAMPLE, "--top-k", "0"], "top-k must be"),
-    case("top-p of 1.5", "generate", [*SAMPLE, "--top-p", "1.5"], "top-p must"),
+    case("top-p of 1.5", "generate", [*SAMPLE, "--top-p", "1.5"], "not in the range 0<x<=1"),
+    case("top-p nan", "generate", [*SAMPLE, "--top-p", "nan"], "'nan' is not a finite number"),
     case("no new tokens", "generate", [*SAMPLE, "--max-tokens", "0"],
      "--max-tokens and --num-samples must be at least 1"),
     case("stream several", "generate", [*SAMPLE, "--stream", "--num-samples", "2"], "--stream prints one sample"),
@@ -267,7 +292,8 @@ def test_bad_input_gets_one_line_naming_it(
     monkeypatch.chdir(tmp_path)
     fill = {"inputs": world.inputs, "uri": world.uri, "finished": world.finished, "bare": world.bare}
     args = [arg.format(**fill) for arg in args]
-    if script == "train" and "--tracking-uri" not in args and "--resume" not in args:
+    words = words.format(**fill)
+    if script == "train" and not {"--tracking-uri", "--resume", "--replay"} & set(args):
         args += ["--tracking-uri", f"sqlite:///{tmp_path}/store/mlflow.db"]
     inputs_before = files_under(world.inputs)
 
@@ -277,6 +303,7 @@ def test_bad_input_gets_one_line_naming_it(
     assert result.exit_code == 2, f"exit code {result.exit_code}; output:\n{result.output}"
     assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line:\n{result.output}"
     assert words in lines[0], f"the error should say {words!r}: {lines[0]}"
+    assert_options_exist(lines[0], train.main if script == "train" else generate.main, args)
     assert "Traceback" not in result.output
     assert files_under(tmp_path) == set(), f"{script}.py wrote {sorted(files_under(tmp_path))}"
     assert files_under(world.inputs) == inputs_before, "files appeared beside the inputs or in the store"
@@ -288,5 +315,16 @@ def test_cuda_on_a_machine_without_one(world: World, tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(train.main, [*BASE, "--device", "cuda", "--tracking-uri", f"sqlite:///{tmp_path}/s.db"])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: train.device is cuda but no CUDA GPU is available; use --device auto or cpu"
+    assert result.output.strip() == "error: train.device is cuda but no CUDA GPU is available; set it to auto or cpu"
     assert files_under(tmp_path) == set()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_device_message_names_only_options_of_the_script_that_prints_it() -> None:
+    from gpt.device import resolve_device
+
+    with pytest.raises(UserError) as from_config:  # from a config: train.py, or a grid's cells in ablate.py
+        resolve_device("cuda")
+    assert "--" not in str(from_config.value), "ablate.py has no --device"
+    with pytest.raises(UserError, match="use --device auto or cpu"):  # generate.py's own option
+        resolve_device("cuda", option="--device")

@@ -357,3 +357,30 @@ def test_missing_config_file_names_the_path(tmp_path):
 
 def test_directory_as_config_file_names_the_path(tmp_path):
     assert str(tmp_path) in load_error(path=tmp_path)
+
+
+# ---------------------------------------------------------------- numbers that are not numbers
+
+FLOAT_KEYS = [key for key, f in config.fields_of().items() if f.type in ("float", float)]
+
+
+def test_the_float_keys_are_found():
+    assert {"model.dropout", "data.val_fraction", "train.lr", "train.temperature"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "1e999"])
+def test_no_float_key_takes_nan_or_infinity(key, value, tmp_path):
+    expected = f"{key}: expected a finite number"
+    assert expected in load_error(f"{key}={value}")
+    section, name = key.split(".")
+    assert expected in load_error(path=write(tmp_path, f"{section}:\n  {name}: {value}\n"))
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "nanx", "infx"])
+def test_stride_takes_no_nan_or_infinity(value):
+    assert "data.stride" in load_error(f"data.stride={value}")
+
+
+def test_a_tiny_temperature_is_a_valid_config():
+    assert config.load(None, ["train.temperature=1e-40"]).train.temperature == 1e-40

@@ -12,7 +12,7 @@ from gpt import config, data, tokenizer
 from gpt.config import Config
 from gpt.data import Windows, epoch_order
 from gpt.errors import UserError
-from gpt.sizes import count_windows, steps_per_epoch
+from gpt.sizes import count_windows, steps_per_epoch, uncovered_tokens, window_stats
 
 
 class PositionEncoding:
@@ -109,6 +109,25 @@ def test_count_windows_agrees_with_the_seed_loop_everywhere():
             for stride in range(1, 14):
                 expected = len(range(0, n - length, stride))
                 assert count_windows(n, length, stride) == expected, (n, length, stride)
+
+
+def test_uncovered_tokens_are_those_in_no_window():
+    for n in range(0, 40):
+        for length in range(1, 12):
+            for stride in range(1, 30):
+                windows = Windows(torch.arange(n), length, stride) if n > length else None
+                covered = set()
+                if windows is not None:
+                    inputs, targets = windows.batch(torch.arange(len(windows)))
+                    covered = set(inputs.flatten().tolist()) | set(targets.flatten().tolist())
+                assert uncovered_tokens(n, length, stride) == n - len(covered), (n, length, stride)
+
+
+def test_a_stride_over_the_window_reports_the_text_it_skips():
+    cfg = config.load(None, ["model.context_length=16", "data.stride=40"])
+    stats = window_stats(cfg, 10_000, 1_000)
+    assert stats.uncovered_fraction == pytest.approx(1 - 17 / 40, abs=0.01), "17 of every 40 tokens are in a window"
+    assert window_stats(config.load(None, ["model.context_length=16"]), 10_000, 1_000).uncovered_fraction < 0.002
 
 
 def test_batch_gathers_the_requested_windows_in_order():

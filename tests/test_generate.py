@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import RANKS, ROOT
+from conftest import RANKS, ROOT, assert_options_exist
 from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint
@@ -142,9 +142,40 @@ def test_stream_prints_the_same_text(store):
 
 def test_num_samples_prints_each_sample(store):
     out = text_of(generate(store, "--run", store.run, "--num-samples", "3", "--seed", "2"))
-    assert [line for line in out.splitlines() if line.startswith("--- sample")] == [
-        f"--- sample {n}/3 ---" for n in (1, 2, 3)
+    assert [line for line in out.splitlines() if line.startswith("===")] == [
+        "=== prompt ===",
+        *(f"=== sample {n}/3 ===" for n in (1, 2, 3)),
     ]
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_the_prompt_comes_first_and_marked(store, stream):
+    out = text_of(generate(store, "--run", store.run, "--seed", "5", *stream))
+    assert out.startswith("=== prompt ===\nDobby is\n=== continuation ===\n"), out
+    bare = text_of(generate(store, "--run", store.run, "--seed", "5", "--no-echo", *stream))
+    assert out == "=== prompt ===\nDobby is\n=== continuation ===\n" + bare, "--no-echo prints the text alone"
+    assert "===" not in bare and "Dobby is" not in bare
+
+
+def test_a_prompt_past_the_context_is_echoed_as_the_model_sees_it(store):
+    prompt = " ".join(f"w{i}" for i in range(40))  # more than the 16 tokens of context
+    out = text_of(generate(store, "--run", store.run, "--seed", "5", prompt=prompt))
+    shown = out.split("=== prompt ===\n", 1)[1].split("\n=== continuation ===", 1)[0]
+    assert shown.startswith("...") and prompt.endswith(shown[3:]) and len(shown) < len(prompt)
+
+
+@pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--seed", "3", "--top-k", "40"]])
+def test_cache_keep_of_the_context_gives_the_recompute_text_past_the_context(store, sampling):
+    # 30 new tokens after a 3-token prompt run past the context of 16: the cache slides
+    args = ["--run", store.run, "--max-tokens", "30", "--no-echo", *sampling]
+    reference = text_of(generate(store, *args, "--no-kv-cache"))
+    assert text_of(generate(store, *args, "--cache-keep", "16")) == reference
+    assert text_of(generate(store, *args, "--cache-keep", "4")).strip(), "a smaller keep still generates"
+
+
+def test_a_tiny_temperature_is_greedy(store):
+    greedy = text_of(generate(store, "--run", store.run, "--temperature", "0"))
+    assert text_of(generate(store, "--run", store.run, "--temperature", "1e-40", "--seed", "1")) == greedy
 
 
 def test_prompt_file(store, tmp_path):
@@ -156,7 +187,7 @@ def test_prompt_file(store, tmp_path):
 
 
 def test_log_adds_the_prompt_settings_and_text_to_the_run(store):
-    result = generate(store, "--run", store.run, "--seed", "6", "--log")
+    result = generate(store, "--run", store.run, "--seed", "6", "--log", "--no-echo")
     text = text_of(result)
     logged = store.client.list_artifacts(store.run, "generations")
     assert len(logged) == 1 and logged[0].path in result.stderr
@@ -185,10 +216,17 @@ def one_line_error(result: Result) -> str:
         (["--run", "{last_only}"], "has no checkpoints/best.pt; its checkpoints: checkpoints/last.pt"),
         (["--run", "{run}", "--checkpoint", "checkpoints/epoch_9.pt"], "has no checkpoints/epoch_9.pt"),
         (["--run", "{mismatch}"], "does not fit the model: missing .*blocks.2"),
-        (["--run", "{run}", "--temperature", "-1"], "temperature must not be negative"),
+        (["--run", "{run}", "--temperature", "-1"], r"--temperature.: -1.0 is not in the range x>=0"),
+        (["--run", "{run}", "--temperature", "nan"], r"--temperature.: 'nan' is not a finite number"),
+        (["--run", "{run}", "--temperature", "inf"], r"--temperature.: 'inf' is not a finite number"),
+        (["--run", "{run}", "--temperature", "-inf"], r"--temperature.: -inf is not in the range x>=0"),
         (["--run", "{run}", "--top-k", "0"], "top-k must be at least 1, got 0"),
-        (["--run", "{run}", "--top-p", "0"], r"top-p must be in \(0, 1\], got 0"),
-        (["--run", "{run}", "--top-p", "1.5"], r"top-p must be in \(0, 1\], got 1.5"),
+        (["--run", "{run}", "--top-p", "0"], r"--top-p.: 0.0 is not in the range 0<x<=1"),
+        (["--run", "{run}", "--top-p", "1.5"], r"--top-p.: 1.5 is not in the range 0<x<=1"),
+        (["--run", "{run}", "--top-p", "NaN"], r"--top-p.: 'NaN' is not a finite number"),
+        (["--run", "{run}", "--cache-keep", "17"], "--cache-keep must be at most the model's context length 16"),
+        (["--run", "{run}", "--cache-keep", "0"], r"--cache-keep.: 0 is not in the range x>=1"),
+        (["--run", "{run}", "--cache-keep", "4", "--no-kv-cache"], "drop it or --no-kv-cache"),
         (["--run", "{run}", "--max-tokens", "0"], "--max-tokens and --num-samples must be at least 1"),
         (["--run", "{run}", "--stream", "--num-samples", "2"], "--stream prints one sample"),
         (["--run", "{run}", "--device", "tpu"], "Invalid value for .--device."),
@@ -201,6 +239,7 @@ def test_mistakes_are_one_line_errors(store, args, message):
     args = [a.format(**store.__dict__) for a in args]
     line = one_line_error(generate(store, *args))
     assert re.search(message, line), f"expected {message!r} in {line!r}"
+    assert_options_exist(line, generate_script.main, args)
 
 
 @pytest.mark.parametrize(
@@ -241,7 +280,9 @@ def test_find_checkpoint_uses_a_local_store_in_place(store):
 
 def test_default_tracking_uri_is_the_environment_or_the_local_sqlite_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(None) == "sqlite:///mlruns/mlflow.db"
+    assert resolve_tracking_uri(None) == f"sqlite:///{Path('mlruns/mlflow.db').resolve()}", "absolute, from the cwd"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
     assert resolve_tracking_uri(None) == "http://tracking:5000"
-    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db", "--tracking-uri wins"
+    assert resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{Path('x.db').resolve()}", "--tracking-uri wins"
+    assert resolve_tracking_uri("sqlite:///~/x.db") == f"sqlite:///{Path.home().resolve()}/x.db"
+    assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"

@@ -427,6 +427,9 @@ GRID_ERRORS = {
     "set without a value": ({"set": ["train.epochs"]}, "set 'train.epochs': must look like section.key=value"),
     "inline config not a mapping": ({"config": ["train.epochs=2"]}, "config: expected a mapping of config keys"),
     "inline config wrong type": ({"config": {"train": {"epochs": "two"}}}, "config: train.epochs: expected int"),
+    "level not a number": ({"vary": {"train.lr": [0.001, float("nan")]}}, "train.lr: expected a finite number"),
+    "level infinite": ({"vary": {"model.dropout": [0.0, float("inf")]}}, "model.dropout: expected a finite number"),
+    "inline config nan": ({"config": {"train.lr": float("nan")}}, "config: train.lr: expected a finite number"),
 }
 
 
@@ -452,6 +455,9 @@ def test_a_missing_grid_file_names_the_path(tmp_path):
         ({"seeds": "0,x"}, "'x' is not an integer seed"),
         ({"design": "oat"}, "--design: design must be one of"),
         ({"base": "missing.yaml"}, "base config not found: missing.yaml"),
+        ({"vary": ["train.lr=0.001,.nan"]}, "--vary: train.lr: expected a finite number, got nan"),
+        ({"vary": ["train.weight_decay=.inf"]}, "--vary: train.weight_decay: expected a finite number, got inf"),
+        ({"sets": ["train.lr=-.inf"]}, "train.lr: expected a finite number"),
     ],
 )
 def test_mistakes_in_command_line_options_raise_user_errors(options, message):

@@ -67,7 +67,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
 
 
 def generate(uri: str, *args: str) -> str:
-    options = ["--tracking-uri", uri, "--prompt", "It was", "--max-tokens", "6", "--device", "cpu", *args]
+    """generate.py's continuation alone (--no-echo: without the prompt and its markers)."""
+    options = ["--tracking-uri", uri, "--prompt", "It was", "--max-tokens", "6", "--device", "cpu", "--no-echo", *args]
     result = CliRunner().invoke(generate_script.main, options)
     assert result.exit_code == 0, result.output
     return result.stdout.strip()

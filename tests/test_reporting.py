@@ -6,6 +6,7 @@ the reference config on a GPU takes ~50 ms, so these tests replay hundreds of su
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +18,7 @@ from gpt import reporting
 from gpt.config import Config, load
 from gpt.data import Corpus
 from gpt.model import GPT
-from gpt.reporting import PLOT_EVERY_S, Checkpoints, Reporter, snapshot, timed
+from gpt.reporting import PLOT_EVERY_S, Checkpoints, ProgressBar, Reporter, snapshot, timed
 from gpt.trainer import EpochMetrics, Trainer
 
 GPU_EPOCH_S = 1 / 16  # ~the reference config's epoch on an H100; a power of two keeps the fake clock exact
@@ -283,3 +284,53 @@ def test_snapshot_of_a_tied_model_keeps_one_matrix() -> None:
     assert state["tok_emb.weight"] is not state["lm_head.weight"], "state_dict gives two tensor objects"
     copied = snapshot(state)
     assert copied["tok_emb.weight"] is copied["lm_head.weight"], "one storage before, one after"
+
+
+# ---------------------------------------------------------------- progress
+
+
+def run_steps(bar: ProgressBar, clock: Clock, epoch: int, steps: range, total: int, seconds: float) -> None:
+    for done in steps:
+        clock.advance(seconds)
+        bar(epoch, done, total, torch.tensor(2.0))
+
+
+def test_progress_lines_come_every_30_s_with_real_rates_and_time_left(clock: Clock) -> None:
+    lines: list[str] = []
+    bar = ProgressBar(512, True, epochs=3, terminal=False, echo=lines.append)
+    run_steps(bar, clock, 1, range(1, 51), 50, seconds=1.0)  # one step a second from the start
+    assert lines == [
+        "progress: epoch 1/3, step 30/50, loss 2.000, 512 tokens/s, ~20 s left in the epoch, ~2 min in the run "
+        "(training steps)"
+    ]
+    clock.advance(5.0)  # validation and reports
+    run_steps(bar, clock, 2, range(1, 2), 50, seconds=0.5)  # an epoch's first step: its start is not seen here
+    assert bar.steps_per_s == 1.0, "the previous rate, not one step over no time"
+    run_steps(bar, clock, 2, range(2, 51), 50, seconds=0.5)
+    assert bar.steps_per_s == 2.0
+    assert [line.split(", loss")[0] for line in lines[1:]] == ["progress: epoch 2/3, step 10/50"]  # 30 s later
+    assert "1,024 tokens/s" in lines[1]
+
+
+def test_a_bar_shows_real_rates_from_its_first_update(clock: Clock) -> None:
+    bar = ProgressBar(512, True, epochs=2, terminal=True)
+    run_steps(bar, clock, 1, range(1, 2), 10, seconds=0.25)
+    assert "2,048 tokens/s" in bar.bar.postfix, "one step of 512 tokens in 0.25 s since training started"
+    assert "run ~5 s left" in bar.bar.postfix, "9 steps of this epoch and 10 of the next at 4 steps/s"
+    assert bar.bar.format_dict["n"] == bar.bar.format_dict["initial"], "tqdm's own rate counts the next steps"
+    run_steps(bar, clock, 1, range(2, 10), 10, seconds=0.25)
+    clock.advance(3.0)
+    run_steps(bar, clock, 2, range(1, 2), 10, seconds=0.5)
+    assert "2,048 tokens/s" in bar.bar.postfix, "an epoch's first update: the last measured rate"
+    bar.close()
+
+
+def test_progress_lines_in_a_log_of_a_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import TINY_TRAIN, run_train
+
+    monkeypatch.setattr(reporting, "PROGRESS_LINE_EVERY_S", 0.0)  # every step, for the test
+    code, output = run_train([*TINY_TRAIN, "--epochs", "1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert code == 0, output
+    lines = [line for line in output.splitlines() if line.startswith("progress: ")]
+    assert lines and all(re.match(r"progress: epoch 1/1, step \d+/\d+, loss \d+\.\d{3}, [\d,]+ tokens/s, ~", line)
+                         for line in lines), lines  # fmt: skip

@@ -128,6 +128,10 @@ def test_run_killed_mid_epoch_resumes_to_exactly_the_same_losses(uninterrupted, 
     assert longer["train_loss"][:3] == expected["train_loss"]
     steps = [s for s, _ in longer["train_loss_step"]]
     assert steps == sorted(set(steps)) and steps[-1] == 4 * STEPS_PER_EPOCH, "step points repeat or stop short"
+    run = client.get_run(run_id)
+    assert run.data.params["train.epochs"] == "3", "MLflow params cannot change"
+    assert run.data.tags["plan.train.epochs"] == "4", "the new plan, where the UI shows it"
+    assert "epochs: 4" in Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
 
 
 def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_to_the_same_losses(uninterrupted, tmp_path: Path) -> None:

@@ -83,9 +83,47 @@ def test_top_p_draws_from_the_smallest_set_that_reaches_p(top_p, allowed):
     assert drawn == allowed, f"top_p={top_p}: probabilities 0.5, 0.3, 0.15, 0.05 keep tokens {allowed}"
 
 
+EXTREME_LOGITS = {
+    "ordinary": torch.randn(4, 97, generator=seeded(5)),
+    "huge": torch.randn(4, 97, generator=seeded(5)) * 3e38,
+    "ties": torch.zeros(4, 97),
+    "one infinite": torch.zeros(4, 97).index_fill(1, torch.tensor([13]), float("inf")),
+    "two infinite": torch.zeros(4, 97).index_fill(1, torch.tensor([13, 80]), float("inf")),
+    "all minus infinity": torch.full((4, 97), float("-inf")),
+    "nan": torch.full((4, 97), float("nan")),
+    "nan and numbers": torch.randn(4, 97, generator=seeded(5)).index_fill(1, torch.tensor([3]), float("nan")),
+}
+
+
+@pytest.mark.parametrize("logits", EXTREME_LOGITS.values(), ids=list(EXTREME_LOGITS))
+@pytest.mark.parametrize("temperature", [1e-45, 1e-40, 1e-30, 1e-8, 0.5, 1.0, 1e30])
+@pytest.mark.parametrize(("top_k", "top_p"), [(None, None), (5, None), (None, 0.9), (96, 0.5)])
+def test_every_drawn_id_is_in_the_vocabulary(logits, temperature, top_k, top_p):
+    drawn = sample_next(logits, Sampling(temperature, top_k, top_p), seeded(1))
+    assert drawn.shape == (4,) and drawn.dtype == torch.long
+    assert ((drawn >= 0) & (drawn < 97)).all(), f"ids outside the vocabulary of 97: {drawn.tolist()}"
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-40, 1e-30])
+def test_a_tiny_temperature_is_greedy(temperature):
+    logits = torch.randn(64, 97, generator=seeded(0)) * 10
+    assert torch.equal(sample_next(logits, Sampling(temperature), seeded(1)), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, Sampling(temperature, top_k=5, top_p=0.5), seeded(1)), logits.argmax(-1))
+
+
+def test_generation_at_a_tiny_temperature_equals_greedy_decoding():
+    model = small_model()
+    for kv_cache in (True, False):
+        tiny = generate(model, PROMPT, 20, Sampling(1e-40), generator=seeded(), kv_cache=kv_cache)
+        assert tiny == generate(model, PROMPT, 20, SETTINGS["greedy"], kv_cache=kv_cache)
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"top_p": float("nan")}, r"top-p must be in \(0, 1\]"),
         ({"temperature": -0.1}, "temperature must not be negative"),
         ({"top_k": 0}, "top-k must be at least 1"),
         ({"top_p": 0.0}, r"top-p must be in \(0, 1\]"),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, MlflowServer, last_run_id, run_train
+from conftest import ROOT, TINY_TRAIN, MlflowServer, last_run_id, run_train
 from mlflow.tracking import MlflowClient
 
 from gpt import checkpoint
@@ -158,3 +159,80 @@ def test_from_dict_round_trips_the_logged_config(finished_run: tuple[str, str, s
     text = Path(MlflowClient(uri).download_artifacts(run_id, "config.yaml")).read_text()
     cfg = from_dict(yaml.safe_load(text))
     assert cfg.model.context_length == 16 and cfg.train.epochs == 3
+
+
+# ---------------------------------------------------------------- names and numbers MLflow takes
+
+
+@pytest.mark.parametrize("name", ["modèle-1", "модель 2", "模型 3", "it's \"v2\"", "../not-a-path", "a/b", "x" * 250])
+def test_run_names_are_what_mlflow_takes(name: str) -> None:
+    from gpt.job import check_run_name
+
+    assert check_run_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["it's", 'say "hi"', "a/b"])
+def test_grid_names_take_no_quotes_or_slashes(name: str) -> None:
+    from gpt.errors import UserError
+    from gpt.job import check_grid_name
+
+    with pytest.raises(UserError, match="grid name .* is not allowed"):
+        check_grid_name(name)
+    assert check_grid_name("stride-modèle") == "stride-modèle"
+
+
+def test_a_unicode_run_name_and_a_tiny_temperature_train_to_the_end(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*TINY, "--epochs", "1", "--run-name", "modèle-1", "--set", "train.temperature=1e-40"]
+    code, output = run_train([*args, "--tracking-uri", uri])
+    assert code == 0, output
+    run = MlflowClient(uri).get_run(last_run_id(output))
+    assert run.info.run_name == "modèle-1" and run.info.status == "FINISHED"
+    assert run.data.params["train.temperature"] == "1e-40"
+    (sample,) = (a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "samples"))
+    assert "Alice was" in Path(MlflowClient(uri).download_artifacts(run.info.run_id, sample)).read_text()
+
+
+# ---------------------------------------------------------------- what a run says before it starts
+
+
+def test_a_dry_run_estimates_the_time_and_notes_a_stride_over_the_window(tmp_path: Path) -> None:
+    code, output = run_train([*TINY, "--set", "data.stride=40", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                              "--dry-run"])  # fmt: skip
+    assert code == 0, output
+    assert re.search(r"^estimate: ~[\d.]+ (s|min|h|days) per epoch, ~[\d.]+ (s|min|h|days) for 2 epochs on cpu", output,
+                     re.MULTILINE), output  # fmt: skip
+    note = next(line for line in output.splitlines() if line.startswith("note: data.stride 40"))
+    share = float(re.search(r"([\d.]+)% of the training tokens", note).group(1))
+    assert 55 < share < 60, f"17 of every 40 tokens are in a window: {note}"
+    assert "configs/tiny.yaml" not in output, "a tiny model needs no advice"
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the advice is for a CPU")
+def test_the_reference_config_on_a_cpu_says_how_long_and_what_suits_a_cpu(tmp_path: Path) -> None:
+    from conftest import VERDICT
+
+    code, output = run_train(["--data", str(VERDICT), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--dry-run"])
+    assert code == 0, output
+    (note,) = [line for line in output.splitlines() if "configs/tiny.yaml" in line]
+    expected = (r"note: this 162M-parameter model takes ~[\d.]+ (h|days) on this CPU; configs/tiny.yaml trains on a "
+                r"CPU in minutes \(--config configs/tiny.yaml\), or use a GPU")
+    assert re.fullmatch(expected, note), note
+
+
+def test_the_estimate_scales_with_the_work(one_thread: None) -> None:
+    from gpt.config import load
+    from gpt.estimate import estimate
+    from gpt.sizes import window_stats
+
+    cfg = load(ROOT / "configs" / "tiny.yaml")
+    found = estimate(cfg, window_stats(cfg, 40_000, 4_000), torch.device("cpu"))
+    assert 0 < found.step_seconds < 60 and 0 < found.validation_seconds < found.epoch_seconds
+    assert found.epoch_seconds == pytest.approx(found.steps_per_epoch * found.step_seconds + found.validation_seconds)
+    assert found.run_seconds == pytest.approx(2 * found.epoch_seconds), "tiny.yaml trains 2 epochs"
+    before = torch.get_rng_state()
+    estimate(cfg, window_stats(cfg, 40_000, 4_000), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before), "a resumed run's restored RNG state must not move"
+    wide = load(ROOT / "configs" / "tiny.yaml", ["model.emb_dim=256", "model.n_heads=4"])
+    assert estimate(wide, window_stats(wide, 40_000, 4_000), torch.device("cpu")).step_seconds > found.step_seconds

@@ -63,7 +63,7 @@ def load_grid(
     raw: dict[str, Any] = {}
     source = None
     if path is not None:
-        source = Path(path)
+        source = Path(path).expanduser()
         if not source.is_file():
             raise UserError(f"grid file not found: {source}")
         raw = read_yaml(source)
@@ -128,9 +128,10 @@ def _find_base(value: Any, grid_file: Path | None) -> Path:
     """The base config: relative to the grid file first, then to the working directory."""
     if not isinstance(value, (str, Path)) or not str(value):
         raise UserError(f"{grid_file or 'grid'}: base must be a path to a config YAML, got {value!r}")
-    candidates = [Path(value)]
-    if grid_file is not None and not Path(value).is_absolute():
-        candidates.insert(0, grid_file.parent / value)
+    base = Path(value).expanduser()
+    candidates = [base]
+    if grid_file is not None and not base.is_absolute():
+        candidates.insert(0, grid_file.parent / base)
     for candidate in candidates:
         if candidate.is_file():
             return candidate

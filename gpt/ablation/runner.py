@@ -59,7 +59,7 @@ from gpt.ablation.resumable import hand_over, killed_run
 from gpt.ablation.reuse import reuse_finished
 from gpt.ablation.workers import gpu_slots, init_worker, shard_cells
 from gpt.errors import UserError
-from gpt.job import JobOptions, JobResult, Prepared, check_run_name, prepare, train
+from gpt.job import JobOptions, JobResult, Prepared, check_grid_name, prepare, train
 from gpt.resume import Resumption
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, with_retries
 
@@ -135,7 +135,7 @@ def find_parents(client: MlflowClient, experiment_id: str, identity: str) -> lis
 def open_parent(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], options: RunnerOptions) -> str:
     """Find or create the grid's parent run (resuming reuses it); with shards starting together, agree on one."""
     check_tracking_uri(options.tracking_uri)
-    check_run_name(spec.name)
+    check_grid_name(spec.name)
     client = open_client(options.tracking_uri)
     experiment_id = _ensure_experiment(client, options.experiment)
     identity = grid_id(spec, options.digests)
