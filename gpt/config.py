@@ -34,7 +34,7 @@ class ModelConfig:
     init: str = "seed"
     # rows of hidden states per chunk of the fused LM head + cross-entropy, which never holds more than one
     # chunk's logits (the seed config's full fp32 logits are 1.6 GB); 0 computes the full logits as the seed;
-    # null (auto): gpt.model.CPU_LOSS_CHUNK_ROWS on a CPU, where it is 3-4x faster, full logits elsewhere
+    # null (auto): max(32, emb_dim) rows on a CPU, where that is faster (gpt.model.loss_chunk_rows), else 0
     loss_chunk_rows: int | None = None
 
 

@@ -12,10 +12,9 @@ from torch import nn
 from gpt.config import ModelConfig
 
 VOCAB_MULTIPLE = 64  # matmuls on tensor cores prefer dimensions that are multiples of 64
-# rows per chunk of the fused LM head + loss on a CPU when model.loss_chunk_rows is null (auto): 32 rows of
-# 50,257 fp32 logits (6.4 MB) stay in cache through the log-softmax and both gradient matmuls, where the
-# full logits (103 MB for the tiny config's batch) go to memory and back ~7 times (bench/train_speed.py)
-CPU_LOSS_CHUNK_ROWS = 32
+# fewest rows per chunk of the fused LM head + loss on a CPU when model.loss_chunk_rows is null (auto): below
+# ~32 rows the head's matmuls run slowly (bench/loss_chunks.py)
+CPU_MIN_CHUNK_ROWS = 32
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -121,9 +120,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits live only while that chunk is processed: the forward turns them into the
     chunk's loss and, when a gradient is wanted, straight into the gradients of the hidden rows and
-    the head weight, which backward only scales. A chunk of a few dozen rows stays in the CPU's
-    cache through the log-softmax, the exp that turns it into the softmax, and both gradient matmuls,
-    so the logits never travel to memory (bench/train_speed.py). Matmuls run in `compute_dtype` (the
+    the head weight, which backward only scales. On a CPU a chunk of the tiny config's rows stays in
+    cache through the softmax and both gradient matmuls, so its logits never travel to memory
+    (bench/train_speed.py). Matmuls run in `compute_dtype` (the
     autocast dtype, as the plain path's lm_head), the softmax in fp32 (as its .float()), and the
     weight gradient is summed over chunks in fp32.
     """
@@ -154,14 +153,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             logits = (chunk @ head.T).float()
             if head_rows > vocab_size:
                 logits[:, vocab_size:] = float("-inf")
-            log_probs = torch.log_softmax(logits, dim=1, out=logits)  # in place: one buffer per chunk
-            loss -= log_probs.gather(1, target).sum()
+            loss += _softmax_and_losses(logits, target).sum()
             if grad_hidden is None or grad_weight is None:
                 continue
-            # d(sum of losses)/d(logits) = softmax - one_hot(target), built in place of the log-probabilities;
-            # the 1/rows of the mean is applied to the (small) products, not to the chunk's logits
-            grad_logits = log_probs.exp_()
-            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
+            # d(sum of losses)/d(logits) = softmax - one_hot(target), built in place of the softmax; the
+            # 1/rows of the mean is applied to the (small) products, not to the chunk's logits
+            grad_logits = logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start : start + chunk_rows] = grad_logits @ head
             _accumulate_head_grad(grad_weight[:head_rows], grad_logits.T, chunk, scale, first=start == 0)
@@ -174,6 +171,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
+
+
+def _softmax_and_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy (rows, 1) in nats; `logits` (rows, vocab), fp32, becomes its softmax in place.
+
+    One fused softmax pass (plus two cheap max reductions) instead of log-softmax and then exp: the
+    log-sum-exp is recovered from the softmax at the row's largest logit m, which is exp(0)/sum = 1/sum
+    (never below 1/vocab, so its log is exact to rounding): logsumexp = m - log(p_max).
+    """
+    target_logit = logits.gather(1, target)
+    row_max = logits.amax(dim=1, keepdim=True)
+    probs = torch.softmax(logits, dim=1, out=logits)
+    return row_max - probs.amax(dim=1, keepdim=True).log() - target_logit
 
 
 def _accumulate_head_grad(
@@ -302,10 +312,16 @@ class GPT(nn.Module):
 
 
 def loss_chunk_rows(cfg: ModelConfig, device: torch.device) -> int:
-    """model.loss_chunk_rows as it applies on `device`: null (auto) is CPU_LOSS_CHUNK_ROWS on a CPU, else 0."""
+    """model.loss_chunk_rows as it applies on `device`; null (auto) is max(32, emb_dim) on a CPU, else 0.
+
+    Each chunk reads the head (vocab x emb_dim) twice and reads and writes its gradient, so a chunk needs
+    about emb_dim rows before its logits' work outweighs that traffic; the tiny config's 32 rows of fp32
+    logits (6.4 MB) stay in cache, where its full logits (103 MB a batch) go to memory and back ~7 times.
+    Measured on a CPU for emb_dim 32 to 768 (bench/loss_chunks.py): within 2% of the best chunk size.
+    """
     if cfg.loss_chunk_rows is not None:
         return cfg.loss_chunk_rows
-    return CPU_LOSS_CHUNK_ROWS if device.type == "cpu" else 0
+    return max(CPU_MIN_CHUNK_ROWS, cfg.emb_dim) if device.type == "cpu" else 0
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -43,7 +43,7 @@ from gpt.ablation.claims import (
     take_claim,
 )
 from gpt.ablation.grid import Cell, GridSpec, SkippedCell
-from gpt.ablation.workers import gpu_slots, init_worker, shard_cells
+from gpt.ablation.workers import gpu_slots, shard_cells, worker_pool
 from gpt.errors import UserError
 from gpt.job import JobOptions, check_run_name, prepare, train
 from gpt.store import check_tracking_uri, ensure_experiment, open_client, with_retries
@@ -258,10 +258,7 @@ def run_grid(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], opti
             gpu_queue = context.Queue()
             for slot in slots:
                 gpu_queue.put(slot)
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=init_worker, initargs=(gpu_queue, threads)
-        ) as pool:
+        with worker_pool(workers, gpu_queue) as pool:  # cores // workers threads each: no oversubscription
             worker_options = _picklable(options)
             futures = {pool.submit(run_cell, cell, parent_id, experiment_id, worker_options): cell for cell in mine}
             for future in concurrent.futures.as_completed(futures):
