@@ -37,6 +37,13 @@ from gpt.trainer import resolve_device
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (one sample).")
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole window for every token (the reference).")
 @click.option("--no-cuda-graph", is_flag=True, help="Decode without CUDA graphs on a GPU.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),  # gpt.sampling.QUANTIZATIONS, spelled out so --help needs no import
+    default="none",
+    show_default=True,
+    help="int8: int8 weights in the linear layers, ~3x faster on a CPU; the text can differ from fp32's.",
+)
 @click.option("--log", "log_to_run", is_flag=True, help="Save prompt, settings and text to the run's generations/.")
 @click.option(
     "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
@@ -57,6 +64,7 @@ def main(
     stream,
     no_kv_cache,
     no_cuda_graph,
+    quantize,
     log_to_run,
     tracking_uri,
 ):
@@ -81,9 +89,10 @@ def main(
         raise UserError("--log adds the text to a run: give --run RUN_ID")
     text = sampling.read_prompt(prompt, prompt_file)
     torch_device = resolve_device(device, option="--device")
+    sampling.check_quantize(quantize, torch_device)
 
     path = runs.find_checkpoint(run_id, checkpoint, tracking_uri) if run_id else Path(checkpoint)
-    model, cfg, encoding, info = sampling.load_model(path, torch_device)
+    model, cfg, encoding, info = sampling.load_model(path, torch_device, quantize)
     if run_id and info["run_id"] not in (None, run_id):
         raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
     ids = sampling.encode_prompt(encoding, text)
@@ -125,6 +134,7 @@ def main(
             "seed": seed,
             "device": str(torch_device),
             "kv_cache": not no_kv_cache,
+            "quantize": quantize,
         }
         samples = [encoding.decode(row) for row in rows]
         artifact = f"generations/{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}.txt"

@@ -19,11 +19,16 @@ def _padded_head(self: GPT, hidden: torch.Tensor) -> torch.Tensor:
     return self.lm_head(hidden)[..., : self.cfg.vocab_size]
 
 
+def todays_head(model: GPT) -> GPT:
+    """Make `model` compute its logits as before issue 18: the padded head, then a slice (training and decoding)."""
+    model.head = types.MethodType(_padded_head, model)  # type: ignore[method-assign]
+    return model
+
+
 def todays_model(model: GPT) -> GPT:
     """Make `model` compute its loss and logits as before issue 18 (full padded logits, no chunking)."""
     model.cfg.loss_chunk_rows = 0
-    model.head = types.MethodType(_padded_head, model)  # type: ignore[method-assign]
-    return model
+    return todays_head(model)
 
 
 def todays_optimizer(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:

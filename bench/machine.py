@@ -84,6 +84,21 @@ def matmul_rate(
     return 2 * size**3 / best
 
 
+def read_bandwidth(clock: Callable[[], float] = time.perf_counter, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s this process reads from memory: the best of `repeats` sums over a `mib` MiB fp32 tensor.
+
+    The ceiling of batch-1 decoding, which reads every weight once per token.
+    """
+    data = torch.ones(mib * 2**20 // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        started = clock()
+        data.sum()
+        best = min(best, clock() - started)
+    return data.numel() * 4 / best
+
+
 def _trim() -> None:
     """Hand freed memory back to the OS (glibc), so an RSS baseline is what the process really holds."""
     gc.collect()

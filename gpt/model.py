@@ -15,6 +15,8 @@ VOCAB_MULTIPLE = 64  # matmuls on tensor cores prefer dimensions that are multip
 # fewest rows per chunk of the fused LM head + loss on a CPU when model.loss_chunk_rows is null (auto): below
 # ~32 rows the head's matmuls run slowly (bench/loss_chunks.py)
 CPU_MIN_CHUNK_ROWS = 32
+# devices whose LM head leaves the weight's padded rows out of the product (the others keep the padded width)
+SLICED_HEAD_DEVICES = ("cpu",)
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -142,7 +144,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # the weight's padded rows are never predicted: on a CPU they are left out of the matmuls (no
         # wasted columns, contiguous logits); on a GPU the head keeps its padded width, a multiple of 64
         # as tensor cores prefer, and the padded columns are masked out of the softmax
-        head_rows = vocab_size if hidden.device.type == "cpu" else weight.size(0)
+        head_rows = vocab_size if hidden.device.type in SLICED_HEAD_DEVICES else weight.size(0)
         head = weight[:head_rows].to(compute_dtype)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
@@ -296,7 +298,7 @@ class GPT(nn.Module):
         cores prefer) and slices the logits. A quantized head (its weight is a method) is sliced too.
         """
         weight = self.lm_head.weight
-        if hidden.device.type == "cpu" and isinstance(weight, torch.Tensor):
+        if hidden.device.type in SLICED_HEAD_DEVICES and isinstance(weight, torch.Tensor):
             return F.linear(hidden, weight[: self.cfg.vocab_size])
         return self.lm_head(hidden)[..., : self.cfg.vocab_size]
 

@@ -263,8 +263,47 @@ def text_pieces(encoding: tiktoken.Encoding, tokens: Iterator[int]) -> Iterator[
 # ---------------------------------------------------------------- loading and prompts
 
 
-def load_model(path: Path, device: torch.device) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, object]]:
-    """A checkpoint's model (eval mode, bf16 on CUDA), its config, its tokenizer and its metadata."""
+QUANTIZATIONS = ("none", "int8")
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """`model` with int8 weights in every Linear layer (attention, MLP, LM head), in place: CPU decoding only.
+
+    PyTorch's dynamic quantization (torch.ao.quantization.quantize_dynamic, per-output-channel weight
+    scales): weights stored as int8, each activation quantized per row as it arrives, int8 matmuls
+    with int32 sums (FBGEMM). Decoding at batch 1 reads every weight once per token, so a quarter of
+    fp32's bytes is ~3x the tokens/s on a CPU (bench/generate_speed.py); the logits change slightly,
+    so greedy text can differ from fp32's after some tokens. Embeddings and norms stay fp32.
+    Raises UserError where this torch has no torch.ao.quantization.
+    """
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        raise UserError(f"--quantize int8 needs torch.ao.quantization, which torch {torch.__version__} lacks") from None
+    with warnings.catch_warnings():
+        # torch.ao's eager-mode quantization announces its move to the torchao package; it still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*", category=UserWarning)
+        # in place: a copy would hold the fp32 model twice (650 MB for the seed model) while quantizing
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+
+def check_quantize(quantize: str, device: torch.device) -> None:
+    """Raise UserError unless `quantize` is one of QUANTIZATIONS and runs on `device`."""
+    if quantize not in QUANTIZATIONS:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}; got {quantize!r}")
+    if quantize != "none" and device.type != "cpu":
+        raise UserError(f"--quantize {quantize} runs on a CPU only; use --device cpu, or leave it out on {device}")
+
+
+def load_model(
+    path: Path, device: torch.device, quantize: str = "none"
+) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, object]]:
+    """A checkpoint's model (eval mode, bf16 on CUDA), its config, its tokenizer and its metadata.
+
+    quantize "int8": int8 Linear weights (quantize_int8), on a CPU only. Raises UserError otherwise.
+    """
+    check_quantize(quantize, device)
     payload = checkpoint.load(path)
     cfg = checkpoint.config_of(payload, source=f"checkpoint {path}")
     name = (payload.get("tokenizer") or {}).get("name")
@@ -278,8 +317,11 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, Config, tiktoken.
         )
     model = GPT(cfg.model)
     checkpoint.load_model_state(model, payload["model"], source=f"checkpoint {path}")
-    # bf16 halves the bytes each decode step reads; CPU matmuls are faster in fp32
+    # bf16 halves the bytes each decode step reads on a GPU; on a CPU bf16 matmuls need AVX-512 BF16 or AMX
+    # and gained only ~1.2x even there (bench/generate_speed.py): --quantize int8 is the CPU's faster path
     model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    if quantize == "int8":
+        model = quantize_int8(model)
     info = {key: payload.get(key) for key in ("epoch", "step", "best_val_loss", "run_id")}
     return model, cfg, encoding, info
 
