@@ -119,8 +119,20 @@ def resolve_device(requested: str, option: str = "train.device") -> torch.device
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; full fp32 on CPU and MPS unless asked."""
+    """bf16 autocast by default on CUDA and on CPUs with bf16 matmul instructions; fp32 elsewhere.
+
+    On a CPU with AVX-512 BF16 or AMX, bf16 matmuls run at about twice fp32's rate: the tiny config trains
+    ~1.2x faster than in fp32, and a 3-epoch Alice run's per-epoch validation losses stay within 0.01% of
+    fp32's, identical from run to run (bench/train_speed.py, README). Other CPUs and MPS keep fp32, where
+    bf16 would be emulated and slower. train.precision bf16 or fp32 overrides the choice.
+    """
     precision = cfg.train.precision
+    if precision == "auto" and device.type == "cpu":
+        cpu = torch.cpu
+        native = [
+            getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        ]
+        return torch.bfloat16 if any(native) else None
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
