@@ -6,13 +6,14 @@ order every other round) so that drift in a shared machine's speed hits all of t
 taken within each round against the baseline variant; the table shows their median and range (the noise).
 
 On a CPU (no arguments: configs/tiny.yaml, batch 16):
-  today         the defaults before issue 18: full padded logits sliced, no chunking, AdamW's loop
-  default       what train.py does now: chunked LM head + loss (model.loss_chunk_rows auto), fused AdamW
+  today         the defaults before issue 18: fp32, full padded logits sliced, no chunking, AdamW's loop
+  default       what train.py does now: chunked LM head + loss (model.loss_chunk_rows auto), fused AdamW,
+                bf16 autocast where the CPU has AVX-512 BF16 or AMX (else fp32)
+  fp32, bf16    default with train.precision fp32 / bf16
   full-logits   default with loss_chunk_rows=0 (full logits, the padded rows left out of the product)
   chunk-N       default with loss_chunk_rows=N
   loop-adamw    default with AdamW's per-parameter loop instead of the fused kernel
   compile       default with torch.compile (its compile time is in the warm-up column)
-  bf16          default with bf16 autocast
   reference     the seed's style: fp32 eager, explicit triu-mask attention, AdamW's loop, full logits
 On CUDA (no arguments: configs/gpt2-128.yaml, batch 64): default (bf16 autocast, torch.compile, fused
 AdamW), dropout0, chunked-loss (--loss-chunk-rows) and reference; ratios against reference.
@@ -49,7 +50,7 @@ from machine import PeakMemory, describe, matmul_rate, sync  # noqa: E402
 from gpt import config as config_module  # noqa: E402
 from gpt.data import Corpus  # noqa: E402
 from gpt.model import GPT, flops_per_token  # noqa: E402
-from gpt.trainer import Trainer, resolve_device  # noqa: E402
+from gpt.trainer import Trainer, autocast_dtype, resolve_device  # noqa: E402
 
 
 def _today(trainer: Trainer) -> None:
@@ -75,16 +76,17 @@ class Variant:
 CPU_VARIANTS = {
     "today": Variant(adjust=_today),
     "default": Variant(),
+    "fp32": Variant(["train.precision=fp32"]),
+    "bf16": Variant(["train.precision=bf16"]),
     "full-logits": Variant(["model.loss_chunk_rows=0"]),
     "chunk-16": Variant(["model.loss_chunk_rows=16"]),
     "chunk-64": Variant(["model.loss_chunk_rows=64"]),
     "chunk-128": Variant(["model.loss_chunk_rows=128"]),
     "loop-adamw": Variant(adjust=_loop_adamw),
     "compile": Variant(["train.compile=true"]),
-    "bf16": Variant(["train.precision=bf16"]),
     "reference": Variant(["train.precision=fp32", "train.compile=false"], _reference),
 }
-CPU_DEFAULT = "today,default,full-logits,chunk-16,chunk-128,loop-adamw,compile,bf16"
+CPU_DEFAULT = "today,default,fp32,bf16,full-logits,loop-adamw,compile"
 
 
 def cuda_variants(loss_chunk_rows: int) -> dict[str, Variant]:
@@ -220,6 +222,7 @@ def main() -> None:
     flops = flops_per_token(base.model, base.window_length)
     peak_rate = statistics.median(results.matmul)
     print(describe(device))
+    print(f"default precision here: {autocast_dtype(base, device) or torch.float32} (train.precision auto)")
     print(
         f"config: {Path(config).name} {' '.join(args.overrides)}; batch {batch}, context {base.window_length}, "
         f"{flops / 6e6:.1f}M params (non-embedding + head); {len(results.seconds[results.baseline])} rounds of "

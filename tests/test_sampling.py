@@ -104,17 +104,24 @@ def test_invalid_sampling_settings_are_user_errors(changes, message):
 # ---------------------------------------------------------------- the KV cache
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_cached_logits_match_the_full_forward(explicit):
-    model = small_model()
-    model.set_explicit_attention(explicit)
-    idx = torch.randint(SMALL.vocab_size, (2, SMALL.context_length), generator=seeded(2))
-    cache = KVCache(SMALL, 2, torch.device("cpu"), torch.float32)
+def cached_and_full_logits(model: GPT, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits (batch, 12, vocab) after positions 4..15 of random text: prefilled with 5 tokens
+    and decoded one by one through the KV cache, and from one full forward."""
+    idx = torch.randint(SMALL.vocab_size, (batch, SMALL.context_length), generator=seeded(2))
+    cache = KVCache(SMALL, batch, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         full = model(idx)
         cached = [model.next_logits(idx[:, :5], cache, torch.arange(5))]
         cached += [model.next_logits(idx[:, p : p + 1], cache, torch.tensor([p])) for p in range(5, 16)]
-    torch.testing.assert_close(torch.stack(cached, 1), full[:, 4:], atol=1e-5, rtol=1e-5)
+    return torch.stack(cached, 1), full[:, 4:]
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cached_logits_match_the_full_forward(explicit):
+    model = small_model()
+    model.set_explicit_attention(explicit)
+    cached, full = cached_and_full_logits(model, 2)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", SETTINGS)
@@ -168,14 +175,9 @@ def test_int8_next_token_distributions_stay_close_to_fp32():
 
 def test_int8_decodes_with_the_kv_cache_as_its_full_forward_predicts():
     model = quantize_int8(small_model())
-    idx = torch.randint(SMALL.vocab_size, (1, SMALL.context_length), generator=seeded(2))
-    cache = KVCache(SMALL, 1, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        full = model(idx)
-        cached = [model.next_logits(idx[:, :5], cache, torch.arange(5))]
-        cached += [model.next_logits(idx[:, p : p + 1], cache, torch.tensor([p])) for p in range(5, 16)]
+    cached, full = cached_and_full_logits(model, 1)
     # activations are quantized per call, with one scale for all the rows it gets: one row here, 16 there
-    torch.testing.assert_close(torch.stack(cached, 1), full[:, 4:], atol=0.05, rtol=0)
+    torch.testing.assert_close(cached, full, atol=0.05, rtol=0)
     assert len(generate(model, PROMPT, 3 * SMALL.context_length, SETTINGS["top-k"], generator=seeded())[0]) == 48
 
 
