@@ -20,10 +20,12 @@ AdamW), dropout0, chunked-loss (--loss-chunk-rows) and reference; ratios against
 
 Peak memory: CUDA's allocator peak over a timed epoch; on a CPU the peak resident set during the epoch
 above the RSS before it (bench/machine.py). MFU is model FLOPs per token (6N + attention,
-gpt.model.flops_per_token) x tokens/s over the matmul rate measured in this process between rounds
-(bf16 on CUDA, fp32 on a CPU).
+gpt.model.flops_per_token) x tokens/s over the matmul rate measured in this process between rounds,
+in the variant's matmul dtype (bf16 where it autocasts, else fp32).
 
-  python bench/train_speed.py
+  python bench/train_speed.py                                      # a CPU: tiny config, ~1 minute
+  python bench/train_speed.py --threads 1 --clock cpu              # a machine shared with other work
+  python bench/train_speed.py --variants today,default,compile     # torch.compile: minutes of compiling
   python bench/train_speed.py --variants today,default,chunk-16,chunk-64 --rounds 7
   python bench/train_speed.py --config configs/tiny.yaml --set model.emb_dim=256 --set model.n_heads=4 \\
       --set model.n_layers=4 --set model.context_length=128 --batch-size 8
@@ -86,7 +88,7 @@ CPU_VARIANTS = {
     "compile": Variant(["train.compile=true"]),
     "reference": Variant(["train.precision=fp32", "train.compile=false"], _reference),
 }
-CPU_DEFAULT = "today,default,fp32,bf16,full-logits,loop-adamw,compile"
+CPU_DEFAULT = "today,default,fp32,bf16,full-logits,loop-adamw"  # add compile with --variants (minutes of compiling)
 
 
 def cuda_variants(loss_chunk_rows: int) -> dict[str, Variant]:
@@ -170,7 +172,8 @@ class Results:
     seconds: dict[str, list[float]] = field(default_factory=dict)  # per sample, in round order
     warmup: dict[str, float] = field(default_factory=dict)  # first two steps: compile, allocator, lazy init
     memory: dict[str, float | None] = field(default_factory=dict)
-    matmul: list[float] = field(default_factory=list)  # FLOP/s measured between rounds
+    matmul: dict[str, list[float]] = field(default_factory=dict)  # FLOP/s by dtype, measured between rounds
+    dtypes: dict[str, str] = field(default_factory=dict)  # each variant's matmul dtype (its autocast dtype)
 
 
 def measure(args: argparse.Namespace, device: torch.device, config: str, common: list[str]) -> Results:
@@ -191,20 +194,18 @@ def measure(args: argparse.Namespace, device: torch.device, config: str, common:
         names, baseline if baseline in names else names[0], args.steps * base.train.batch_size * base.window_length
     )
     results.warmup = {name: timed_steps(trainer, batches[:2], device) for name, trainer in trainers.items()}
+    results.dtypes = {
+        name: str(trainer.dtype or torch.float32).removeprefix("torch.") for name, trainer in trainers.items()
+    }
     results.seconds = {name: [] for name in names}
     for round_number in range(args.rounds or (10 if on_cuda else 15)):
         for name in names if round_number % 2 == 0 else list(reversed(names)):
             with PeakMemory(device) as peak:
                 results.seconds[name].append(timed_steps(trainers[name], batches[2:], device, args.clock))
             results.memory[name] = peak.extra_mib
-        results.matmul.append(
-            matmul_rate(
-                device,
-                torch.bfloat16 if on_cuda else torch.float32,
-                8192 if on_cuda else 1024,
-                clock=CLOCKS[args.clock],
-            )
-        )
+        for dtype in set(results.dtypes.values()):
+            rate = matmul_rate(device, getattr(torch, dtype), 8192 if on_cuda else 1024, clock=CLOCKS[args.clock])
+            results.matmul.setdefault(dtype, []).append(rate)
     return results
 
 
@@ -220,7 +221,6 @@ def main() -> None:
     results = measure(args, device, config, common)
     base = config_module.load(config, common)
     flops = flops_per_token(base.model, base.window_length)
-    peak_rate = statistics.median(results.matmul)
     print(describe(device))
     print(f"default precision here: {autocast_dtype(base, device) or torch.float32} (train.precision auto)")
     print(
@@ -228,16 +228,18 @@ def main() -> None:
         f"{flops / 6e6:.1f}M params (non-embedding + head); {len(results.seconds[results.baseline])} rounds of "
         f"{args.steps} steps, {args.clock} clock"
     )
-    print(
-        f"matmul rate measured between rounds: median {peak_rate / 1e9:,.0f} GFLOP/s "
-        f"({'bf16 8192' if on_cuda else 'fp32 1024'}^3), range {min(results.matmul) / 1e9:,.0f}-"
-        f"{max(results.matmul) / 1e9:,.0f}"
-    )
-    print_table(results, flops, peak_rate, "peak MiB" if on_cuda else "+RSS MiB")
+    size = 8192 if on_cuda else 1024
+    for dtype, rates in sorted(results.matmul.items()):
+        print(
+            f"{dtype} matmul rate measured between rounds ({size}^3): median {statistics.median(rates) / 1e9:,.0f} "
+            f"GFLOP/s, range {min(rates) / 1e9:,.0f}-{max(rates) / 1e9:,.0f}"
+        )
+    print_table(results, flops, "peak MiB" if on_cuda else "+RSS MiB")
 
 
-def print_table(results: Results, flops: int, peak_rate: float, memory_label: str) -> None:
-    """tokens/s (median), MFU, the median and quartiles of the per-round ratio to the baseline, memory."""
+def print_table(results: Results, flops: int, memory_label: str) -> None:
+    """tokens/s (median), MFU (against the matmul rate of the variant's dtype), the median and quartiles
+    of the per-round ratio to the baseline, memory."""
     baseline = results.baseline
     print(
         f"{'variant':12s} {'tokens/s':>10s} {'MFU':>6s} {'vs ' + baseline:>10s} {'ratio IQR':>11s} "
@@ -249,6 +251,7 @@ def print_table(results: Results, flops: int, peak_rate: float, memory_label: st
         low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         extra = results.memory.get(name)
         memory = f"{extra:9.0f}" if extra is not None else f"{'n/a':>9s}"
+        peak_rate = statistics.median(results.matmul[results.dtypes[name]])
         print(
             f"{name:12s} {rate:10,.0f} {rate * flops / peak_rate:6.1%} {statistics.median(ratios):9.2f}x "
             f"{low:5.2f}-{high:<5.2f} {memory} {results.warmup[name]:10.1f}"
