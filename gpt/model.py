@@ -319,7 +319,7 @@ def loss_chunk_rows(cfg: ModelConfig, device: torch.device) -> int:
     about emb_dim rows before its logits' work outweighs that traffic; the tiny config's 32 rows of fp32
     logits (6.4 MB) stay in cache, where its full logits (103 MB a batch) go to memory and back ~7 times.
     Measured on a CPU for emb_dim 32, 128, 256 and 768 (bench/loss_chunks.py): the rule's size was the
-    fastest within noise, but for emb_dim 32, where 16 rows were up to 7% faster in some runs.
+    fastest within noise, except at emb_dim 32, where 16 rows were up to 7% faster in some runs.
     """
     if cfg.loss_chunk_rows is not None:
         return cfg.loss_chunk_rows
