@@ -158,15 +158,15 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--per-gpu", "--cells", dest="cells", type=int, default=4, help="cells (K packed on the GPU)")
-    parser.add_argument("--steps", type=int, help="optimizer steps in each cell's timed epoch (200 GPU, 20 CPU)")
+    parser.add_argument("--steps", type=int, help="optimizer steps in each cell's timed epoch (200 GPU, 10 CPU)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpu", type=int, default=0, help="which visible GPU (as in --gpus)")
-    parser.add_argument("--rounds", type=int, help="repeat the modes, alternating their order (1 GPU, 3 CPU)")
+    parser.add_argument("--rounds", type=int, help="repeat the modes, alternating their order (1 GPU, 2 CPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    args.steps = args.steps or (20 if args.device == "cpu" else 200)
-    args.rounds = args.rounds or (3 if args.device == "cpu" else 1)
+    args.steps = args.steps or (10 if args.device == "cpu" else 200)
+    args.rounds = args.rounds or (2 if args.device == "cpu" else 1)
     return args
 
 
