@@ -73,14 +73,21 @@ if TYPE_CHECKING:
     "gives --no-kv-cache's text, at a full re-prefill per token.",
 )
 @click.option("--no-cuda-graph", is_flag=True, help="Decode without CUDA graphs on a GPU.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),  # gpt.sampling.QUANTIZATIONS, spelled out so --help needs no import
+    default="none",
+    show_default=True,
+    help="int8: int8 weights in the linear layers, ~3x faster on a CPU; the text can differ from fp32's.",
+)
 @click.option("--log", "log_to_run", is_flag=True, help="Save prompt, settings and text to the run's generations/.")
 @tracking_uri_option
 @tokenizer_file_option
 @cache_dir_option
 @friendly_errors
 def main(run_id, checkpoint, model_uri, prompt, prompt_file, max_tokens, temperature, top_k, top_p, num_samples, seed,
-         device, stream, no_echo, no_kv_cache, cache_keep, no_cuda_graph, log_to_run, tracking_uri, tokenizer_file,
-         cache_dir):  # fmt: skip
+         device, stream, no_echo, no_kv_cache, cache_keep, no_cuda_graph, quantize, log_to_run, tracking_uri,
+         tokenizer_file, cache_dir):  # fmt: skip
     """Continue a prompt with the model of a tracked training run.
 
     \b
@@ -105,15 +112,18 @@ def main(run_id, checkpoint, model_uri, prompt, prompt_file, max_tokens, tempera
     from gpt.device import resolve_device
 
     torch_device = resolve_device(device or "auto", option="--device")
+    sampling.check_quantize(quantize, torch_device)
     cache = Path(cache_dir).expanduser() if cache_dir else env.cache_dir()
     if model_uri:
         from gpt.logged_model import load_model_uri
 
         model, cfg, encoding, info = load_model_uri(model_uri, torch_device, tracking_uri)
+        if quantize == "int8":
+            model = sampling.quantize_int8(model)
         path, run_id = model_uri, info["run_id"]  # --log writes to the run that logged the model
     else:
         path = runs.find_checkpoint(run_id, checkpoint, tracking_uri, cache) if run_id else Path(checkpoint)
-        model, cfg, encoding, info = sampling.load_model(path, torch_device, tokenizer_file)
+        model, cfg, encoding, info = sampling.load_model(path, torch_device, tokenizer_file, quantize)
         if run_id and info["run_id"] not in (None, run_id):
             raise UserError(f"checkpoint {path} belongs to run {info['run_id']}, not to run {run_id}")
     if log_to_run:  # before the text is generated: a store that cannot take it fails first
@@ -141,7 +151,7 @@ def main(run_id, checkpoint, model_uri, prompt, prompt_file, max_tokens, tempera
         settings_used = {"run": run_id, "checkpoint": str(path), "max_tokens": max_tokens, "temperature": temperature,
                          "top_k": top_k, "top_p": top_p, "num_samples": num_samples, "seed": seed,
                          "device": str(torch_device), "kv_cache": not no_kv_cache,
-                         "cache_keep": cache_keep}  # fmt: skip
+                         "cache_keep": cache_keep, "quantize": quantize}  # fmt: skip
         _log(run_id, tracking_uri, text, settings_used, [encoding.decode(row) for row in rows])
 
 

@@ -52,9 +52,10 @@ class ModelConfig:
     # (bench/verdict_learns.py). "seed", its former name, is still read.
     init: str = setting("pytorch")
     # rows of hidden states per chunk of the fused LM head + cross-entropy, which never holds more than one
-    # chunk's logits (the reference config's full fp32 logits are 1.6 GB); 0 computes the full logits.
+    # chunk's logits (the reference config's full fp32 logits are 1.6 GB); 0 computes the full logits;
+    # null (auto): max(32, emb_dim) rows on a CPU, where that is faster (gpt.model.loss_chunk_rows), else 0.
     # How the loss is computed, not what: like train.compile
-    loss_chunk_rows: int = setting(0, identity=False, resumable=True)
+    loss_chunk_rows: int | None = setting(None, identity=False, resumable=True)
 
 
 @dataclass
@@ -383,7 +384,7 @@ def _check_ranges(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.loss_chunk_rows < 0:
+    if m.loss_chunk_rows is not None and m.loss_chunk_rows < 0:
         raise UserError(f"model.loss_chunk_rows must not be negative (0 disables chunking), got {m.loss_chunk_rows}")
     if not 0.0 < d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")

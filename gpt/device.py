@@ -2,10 +2,11 @@
 
 | rule                 | CUDA            | CPU, MPS          |
 | -------------------- | --------------- | ----------------- |
-| training autocast    | bf16            | none (fp32)       |
+| training autocast    | bf16            | bf16 on CPUs with AVX-512 BF16 or AMX; else none (fp32) |
 | torch.compile        | on              | off               |
-| AdamW                | fused kernels   | PyTorch's default |
-| sampling weights     | bf16            | fp32              |
+| AdamW                | fused kernels   | fused on CPU; PyTorch's default on MPS |
+| LM-head loss         | full logits     | chunked on CPU (gpt.model.loss_chunk_rows) |
+| sampling weights     | bf16            | fp32 (generate.py --quantize int8: int8 Linear weights) |
 
 train.precision and train.compile override the training defaults.
 """
@@ -43,10 +44,25 @@ def resolve_device(requested: str, option: str = "train.device") -> torch.device
 
 
 def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of training steps: bf16 on CUDA by default; None (full fp32) on CPU and MPS."""
+    """The autocast dtype of training steps: bf16 by default on CUDA and on CPUs with bf16 matmul
+    instructions (AVX-512 BF16 or AMX); None (full fp32) on other CPUs and MPS, where bf16 would be
+    emulated and slower. train.precision bf16 or fp32 overrides the choice.
+
+    On such a CPU bf16 matmuls run at about twice fp32's rate: the tiny config trains ~1.2x faster, and
+    a 3-epoch Alice run's per-epoch validation losses stay within 0.01% of fp32's, identical from run to
+    run (bench/train_speed.py, README).
+    """
+    if train.precision == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else None
     if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX tiles), as torch reports it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def use_compile(train: TrainConfig, device: torch.device) -> bool:
@@ -55,8 +71,10 @@ def use_compile(train: TrainConfig, device: torch.device) -> bool:
 
 
 def fused_adamw(device: torch.device) -> bool:
-    """Fused AdamW runs the whole update as a few kernels instead of several per parameter (CUDA only)."""
-    return device.type == "cuda"
+    """Fused AdamW runs the whole update as one kernel per parameter instead of ~10 elementwise passes
+    over it: on CUDA, and on a CPU, where it is ~5x faster for the tiny config's 3.2M parameters
+    (bench/train_speed.py). MPS keeps PyTorch's default."""
+    return device.type in ("cuda", "cpu")
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:

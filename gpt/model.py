@@ -12,6 +12,11 @@ from torch import nn
 from gpt.config import ModelConfig
 
 VOCAB_MULTIPLE = 64  # matmuls on tensor cores prefer dimensions that are multiples of 64
+# fewest rows per chunk of the fused LM head + loss on a CPU when model.loss_chunk_rows is null (auto): below
+# ~32 rows the head's matmuls run slowly (bench/loss_chunks.py)
+CPU_MIN_CHUNK_ROWS = 32
+# devices whose LM head leaves the weight's padded rows out of the product (the others keep the padded width)
+SLICED_HEAD_DEVICES = ("cpu",)
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -117,9 +122,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits live only while that chunk is processed: the forward turns them into the
     chunk's loss and, when a gradient is wanted, straight into the gradients of the hidden rows and
-    the head weight, which backward only scales. Matmuls run in `compute_dtype` (the autocast dtype,
-    as the plain path's lm_head), the softmax in fp32 (as its .float()), and the weight gradient is
-    summed over chunks in fp32.
+    the head weight, which backward only scales. On a CPU a chunk of the tiny config's rows stays in
+    cache through the softmax and both gradient matmuls, so its logits never travel to memory
+    (bench/train_speed.py). Matmuls run in `compute_dtype` (the autocast dtype, as the plain path's
+    lm_head), the softmax in fp32 (as its .float()), and the weight gradient is summed over chunks in fp32.
     """
 
     @staticmethod
@@ -133,32 +139,34 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         need_grad: bool,
     ) -> torch.Tensor:
-        rows = hidden.size(0)
-        # the padded head keeps its width in the matmuls (a multiple of 64, as the plain path's lm_head);
-        # its padded columns are left out of the softmax and get no gradient
-        head = weight.to(compute_dtype)
+        rows, scale = hidden.size(0), 1.0 / hidden.size(0)
+        # the weight's padded rows are never predicted: on a CPU they are left out of the matmuls (no
+        # wasted columns, contiguous logits); on a GPU the head keeps its padded width, a multiple of 64
+        # as tensor cores prefer, and the padded columns are masked out of the softmax
+        head_rows = vocab_size if hidden.device.type in SLICED_HEAD_DEVICES else weight.size(0)
+        head = weight[:head_rows].to(compute_dtype)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_weight = torch.empty_like(weight, dtype=torch.float32) if need_grad else None
         for start in range(0, rows, chunk_rows):
             chunk = hidden[start : start + chunk_rows].to(compute_dtype)
             target = targets[start : start + chunk_rows, None]
             logits = (chunk @ head.T).float()
-            real = logits[:, :vocab_size]
-            norm = torch.logsumexp(real, dim=1, keepdim=True)
-            loss += (norm - real.gather(1, target)).sum()
+            if head_rows > vocab_size:
+                logits[:, vocab_size:] = float("-inf")
+            loss += _softmax_and_losses(logits, target).sum()
             if grad_hidden is None or grad_weight is None:
                 continue
-            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / rows, built in place of the logits
-            grad_logits = logits.sub_(norm).exp_()
-            grad_logits[:, vocab_size:] = 0.0
-            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
-            grad_logits = grad_logits.mul_(1.0 / rows).to(compute_dtype)
+            # d(sum of losses)/d(logits) = softmax - one_hot(target), built in place of the softmax; the
+            # 1/rows of the mean is applied to the (small) products, not to the chunk's logits
+            grad_logits = logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
+            grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start : start + chunk_rows] = grad_logits @ head
-            grad_weight += grad_logits.T @ chunk
+            _accumulate_head_grad(grad_weight[:head_rows], grad_logits.T, chunk, scale, first=start == 0)
         if grad_hidden is not None and grad_weight is not None:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return loss / rows
+            grad_weight[head_rows:] = 0.0
+            ctx.save_for_backward(grad_hidden.mul_(scale), grad_weight.to(weight.dtype))
+        return loss * scale
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -166,11 +174,40 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
 
 
+def _softmax_and_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy (rows, 1) in nats; `logits` (rows, vocab), fp32, becomes its softmax in place.
+
+    One fused softmax pass (plus two cheap max reductions) instead of log-softmax and then exp: the
+    log-sum-exp is recovered from the softmax at the row's largest logit m, which is exp(0)/sum = 1/sum
+    (never below 1/vocab, so its log is exact to rounding): logsumexp = m - log(p_max).
+    """
+    target_logit = logits.gather(1, target)
+    row_max = logits.amax(dim=1, keepdim=True)
+    probs = torch.softmax(logits, dim=1, out=logits)
+    return row_max - probs.amax(dim=1, keepdim=True).log() - target_logit
+
+
+def _accumulate_head_grad(
+    total: torch.Tensor, grad_logits_t: torch.Tensor, chunk: torch.Tensor, scale: float, first: bool
+) -> None:
+    """total (fp32, vocab x emb_dim) += scale * grad_logits_t @ chunk; the first chunk overwrites it.
+
+    In fp32 one addmm_ writes the product straight into the sum (no temporary the size of the head).
+    """
+    if grad_logits_t.dtype == total.dtype:
+        total.addmm_(grad_logits_t, chunk, beta=0.0 if first else 1.0, alpha=scale)
+        return
+    if first:
+        total.zero_()
+    total.add_(grad_logits_t @ chunk, alpha=scale)  # the product in compute_dtype, the sum in fp32
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` over the first vocab_size columns, chunk_rows rows at a time.
 
+    hidden (rows, emb_dim), weight (padded vocab, emb_dim), targets (rows,) -> a scalar in nats.
     Equals F.cross_entropy(F.linear(hidden, weight)[:, :vocab_size].float(), targets), autocast included.
     """
     device = hidden.device.type
@@ -241,23 +278,49 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, length, vocab_size) or, given targets, the mean cross-entropy loss."""
-        if targets is not None and self.cfg.loss_chunk_rows > 0:
-            hidden = self.hidden(idx).flatten(0, 1)
-            return chunked_cross_entropy(
-                hidden, self.lm_head.weight, targets.flatten(), self.cfg.vocab_size, self.cfg.loss_chunk_rows
-            )
-        logits = self.lm_head(self.hidden(idx))[..., : self.cfg.vocab_size]
+        """Logits (batch, length, vocab_size) or, given targets (batch, length), the mean cross-entropy loss."""
+        hidden = self.hidden(idx)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            return self.head(hidden)
+        chunk_rows = loss_chunk_rows(self.cfg, hidden.device)
+        if chunk_rows > 0:
+            return chunked_cross_entropy(
+                hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.cfg.vocab_size, chunk_rows
+            )
+        return F.cross_entropy(self.head(hidden).flatten(0, 1).float(), targets.flatten())
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab_size) of final hidden states (..., emb_dim).
+
+        On a CPU the weight's padded rows are left out of the product, so no padded column is computed,
+        copied or zero-filled in backward; a GPU multiplies the padded width (a multiple of 64, as tensor
+        cores prefer) and slices the logits. A quantized head (its weight is a method) is sliced too.
+        """
+        weight = self.lm_head.weight
+        if hidden.device.type in SLICED_HEAD_DEVICES and isinstance(weight, torch.Tensor):
+            return F.linear(hidden, weight[: self.cfg.vocab_size])
+        return self.lm_head(hidden)[..., : self.cfg.vocab_size]
 
     def next_logits(
         self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits (batch, vocab_size) for the token after idx: the head runs on the last position only."""
-        return self.lm_head(self.hidden(idx, cache, positions)[:, -1])[..., : self.cfg.vocab_size]
+        return self.head(self.hidden(idx, cache, positions)[:, -1])
 
     def set_explicit_attention(self, explicit: bool) -> None:
         for block in self.blocks:
             block.attn.explicit = explicit
+
+
+def loss_chunk_rows(cfg: ModelConfig, device: torch.device) -> int:
+    """model.loss_chunk_rows as it applies on `device`; null (auto) is max(32, emb_dim) on a CPU, else 0.
+
+    Each chunk reads the head (vocab x emb_dim) twice and reads and writes its gradient, so a chunk needs
+    about emb_dim rows before its logits' work outweighs that traffic; the tiny config's 32 rows of fp32
+    logits (6.4 MB) stay in cache, where its full logits (103 MB a batch) go to memory and back ~7 times.
+    Measured on a CPU for emb_dim 32, 128, 256 and 768 (bench/loss_chunks.py): the rule's size was the
+    fastest within noise, except at emb_dim 32, where 16 rows were up to 7% faster in some runs.
+    """
+    if cfg.loss_chunk_rows is not None:
+        return cfg.loss_chunk_rows
+    return max(CPU_MIN_CHUNK_ROWS, cfg.emb_dim) if device.type == "cpu" else 0

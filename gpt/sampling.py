@@ -253,14 +253,49 @@ def text_pieces(encoding: tiktoken.Encoding, tokens: Iterator[int]) -> Iterator[
 # ---------------------------------------------------------------- loading and prompts
 
 
+QUANTIZATIONS = ("none", "int8")
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """`model` with int8 weights in every Linear layer (attention, MLP, LM head), in place: CPU decoding only.
+
+    PyTorch's dynamic quantization (torch.ao.quantization.quantize_dynamic, per-output-channel weight
+    scales): weights stored as int8, each activation quantized per row as it arrives, int8 matmuls
+    with int32 sums (FBGEMM). Decoding at batch 1 reads every weight once per token, so a quarter of
+    fp32's bytes is ~3x the tokens/s on a CPU (bench/generate_speed.py); the logits change slightly,
+    so greedy text can differ from fp32's after some tokens. Embeddings and norms stay fp32.
+    Raises UserError where this torch has no torch.ao.quantization.
+    """
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        raise UserError(f"--quantize int8 needs torch.ao.quantization, which torch {torch.__version__} lacks") from None
+    with warnings.catch_warnings():
+        # torch.ao's eager-mode quantization announces its move to the torchao package; it still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*", category=UserWarning)
+        # in place: a copy would hold the fp32 model twice (650 MB for the seed model) while quantizing
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+
+def check_quantize(quantize: str, device: torch.device) -> None:
+    """Raise UserError unless `quantize` is one of QUANTIZATIONS and runs on `device`."""
+    if quantize not in QUANTIZATIONS:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}; got {quantize!r}")
+    if quantize != "none" and device.type != "cpu":
+        raise UserError(f"--quantize {quantize} runs on a CPU only; use --device cpu, or leave it out on {device}")
+
+
 def load_model(
-    path: Path, device: torch.device, tokenizer_file: str | None = None
+    path: Path, device: torch.device, tokenizer_file: str | None = None, quantize: str = "none"
 ) -> tuple[GPT, Config, tiktoken.Encoding, dict[str, object]]:
     """A checkpoint's model (eval mode, in gpt.device.inference_dtype), its config, its tokenizer (from
     tokenizer_file, else $GPT_TIKTOKEN_FILE or a download) and its position (gpt.checkpoint.position).
 
+    quantize "int8": int8 Linear weights (quantize_int8), on a CPU only.
     Raises UserError for a checkpoint that is missing, corrupt, of another tokenizer or of a config
-    its weights do not fit."""
+    its weights do not fit, and for a quantize value this device cannot run."""
+    check_quantize(quantize, device)
     payload = checkpoint.load(path)
     cfg = checkpoint.config_of(payload, source=f"checkpoint {path}")
     name = (payload.get("tokenizer") or {}).get("name")
@@ -274,7 +309,11 @@ def load_model(
         )
     model = GPT(cfg.model)
     checkpoint.load_model_state(model, payload["model"], source=f"checkpoint {path}")
+    # on a CPU bf16 matmuls need AVX-512 BF16 or AMX and gained only ~1.2x even there
+    # (bench/generate_speed.py): --quantize int8 is the CPU's faster path
     model.to(device=device, dtype=inference_dtype(device)).eval()
+    if quantize == "int8":
+        model = quantize_int8(model)
     return model, cfg, encoding, checkpoint.position(payload)
 
 

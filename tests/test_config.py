@@ -294,7 +294,8 @@ def test_dropout_outside_unit_interval_names_the_key(dropout):
 
 def test_negative_loss_chunk_rows_names_the_key():
     assert "model.loss_chunk_rows" in load_error("model.loss_chunk_rows=-1")
-    assert config.load(None).model.loss_chunk_rows == 0, "the full-logits loss stays the default"
+    assert config.load(None).model.loss_chunk_rows is None, "auto (chunked on a CPU only) is the default"
+    assert config.load(None, ["model.loss_chunk_rows=null"]).model.loss_chunk_rows is None
 
 
 @pytest.mark.parametrize("override", ["train.lr=0", "train.lr=-0.001"])

@@ -125,6 +125,11 @@ def test_no_kv_cache_gives_the_same_text_within_the_context(store, sampling):
     assert cached == text_of(generate(store, "--run", store.run, "--no-kv-cache", *sampling))
 
 
+def test_quantize_int8_samples_on_a_cpu(store):
+    first, again = (text_of(generate(store, "--run", store.run, "--seed", "2", "--quantize", "int8")) for _ in "ab")
+    assert first.strip() and first == again, "a continuation, the same for the same seed"
+
+
 def test_checkpoint_last_by_name_by_artifact_path_and_as_a_local_file(store):
     best = text_of(generate(store, "--run", store.run, "--temperature", "0"))
     last = text_of(generate(store, "--run", store.run, "--checkpoint", "last", "--temperature", "0"))
@@ -231,6 +236,7 @@ def one_line_error(result: Result) -> str:
         (["--run", "{run}", "--stream", "--num-samples", "2"], "--stream prints one sample"),
         (["--run", "{run}", "--device", "tpu"], "Invalid value for .--device."),
         (["--run", "{run}", "--top-k", "many"], "'many' is not a valid integer"),
+        (["--run", "{run}", "--quantize", "int4"], "'int4' is not one of 'none', 'int8'"),
         ([], "give --run RUN_ID"),
         (["--checkpoint", "missing.pt"], "there is no file 'missing.pt'"),
     ],

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import RANKS, VERDICT
 
+from gpt import model as model_module
 from gpt import text, tokenizer
 from gpt.config import ModelConfig
-from gpt.model import GPT, chunked_cross_entropy, padded_vocab
+from gpt.model import GPT, chunked_cross_entropy, loss_chunk_rows, padded_vocab
 from gpt.sizes import count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +94,7 @@ def loss_and_grads(model: GPT, chunk_rows: int, dtype: torch.dtype | None = None
 
 
 @pytest.mark.parametrize("tie_weights", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("chunk_rows", [7, 16, 48, 1000], ids=["ragged", "dividing", "one-chunk", "over"])
+@pytest.mark.parametrize("chunk_rows", [7, 16, 48, 1000, None], ids=["ragged", "dividing", "one-chunk", "over", "auto"])
 def test_chunked_loss_and_gradients_equal_the_full_logits_path(chunk_rows, tie_weights):
     model = small_model(tie_weights=tie_weights)
     full_loss, full_grads = loss_and_grads(model, 0)
@@ -121,7 +122,16 @@ def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_full_logits_path
             assert error < tolerance, f"{path} bf16 gradient of {name} is {error:.2e} off fp32 (limit {tolerance:.2e})"
 
 
-def test_padded_vocab_columns_get_no_probability_mass():
+@pytest.fixture(params=["sliced", "padded"])
+def head_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The LM head as a CPU computes it (padded rows left out of the product) or as a GPU does (padded
+    width, padded columns sliced off or masked), both run here on the CPU."""
+    if request.param == "padded":
+        monkeypatch.setattr(model_module, "SLICED_HEAD_DEVICES", ())
+    return request.param
+
+
+def test_padded_vocab_columns_get_no_probability_mass(head_layout):
     model = small_model()
     with torch.no_grad():
         model.lm_head.weight[SMALL.vocab_size :] = 10.0  # padded logits far above the real ones
@@ -136,6 +146,43 @@ def test_padded_vocab_columns_get_no_probability_mass():
     assert torch.count_nonzero(padded_grad) == 0, "padded head rows must get no gradient"
 
 
+@pytest.mark.parametrize("tie_weights", [False, True], ids=["untied", "tied"])
+def test_both_head_layouts_give_the_same_logits_loss_and_gradients(monkeypatch, tie_weights):
+    model = small_model(tie_weights=tie_weights)
+    idx = random_tokens(3, 16, seed=1)
+    with torch.no_grad():
+        sliced_logits = model(idx)
+    results = {"sliced": (loss_and_grads(model, 0), loss_and_grads(model, 7))}
+    monkeypatch.setattr(model_module, "SLICED_HEAD_DEVICES", ())
+    with torch.no_grad():
+        padded_logits = model(idx)
+    results["padded"] = (loss_and_grads(model, 0), loss_and_grads(model, 7))
+    assert sliced_logits.shape == padded_logits.shape == (3, 16, SMALL.vocab_size)
+    torch.testing.assert_close(sliced_logits, padded_logits, rtol=1e-6, atol=1e-6)
+    reference_loss, reference_grads = results["padded"][0]  # the padded product, sliced: the head before issue 18
+    for layout, paths in results.items():
+        for path, (loss, grads) in zip(("full", "chunked"), paths, strict=True):
+            torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=0, msg=f"{layout} {path} loss")
+            for name, grad in grads.items():
+                torch.testing.assert_close(
+                    grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=f"{layout} {path} {name}"
+                )
+                if name == "lm_head.weight":
+                    assert torch.count_nonzero(grad[SMALL.vocab_size :]) == 0, f"{layout} {path}: padded rows learn"
+
+
+def test_auto_loss_chunk_rows_chunks_on_a_cpu_only():
+    auto = dataclasses.replace(SMALL, loss_chunk_rows=None)
+    assert ModelConfig().loss_chunk_rows is None, "auto is the default"
+    assert loss_chunk_rows(auto, torch.device("cpu")) == 32, "at least 32 rows: smaller chunks run slowly"
+    seed_width = dataclasses.replace(auto, emb_dim=768, n_heads=12)
+    assert loss_chunk_rows(seed_width, torch.device("cpu")) == 768, "about emb_dim rows amortise the head's traffic"
+    for device in ("cuda", "mps"):
+        assert loss_chunk_rows(auto, torch.device(device)) == 0, f"full logits on {device}, as before"
+    assert loss_chunk_rows(dataclasses.replace(SMALL, loss_chunk_rows=0), torch.device("cpu")) == 0
+    assert loss_chunk_rows(dataclasses.replace(SMALL, loss_chunk_rows=7), torch.device("cuda")) == 7
+
+
 def test_chunked_loss_without_grad_builds_no_graph():
     model = small_model(loss_chunk_rows=7)
     idx, targets = random_tokens(2, 16, seed=1), random_tokens(2, 16, seed=2)
@@ -147,7 +194,8 @@ def test_chunked_loss_without_grad_builds_no_graph():
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
 
 
-def test_chunked_loss_compiles_without_graph_breaks():
+def test_chunked_loss_compiles_without_graph_breaks(head_layout):
+    torch._dynamo.reset()  # the layout is read at trace time: each one gets its own trace
     torch.manual_seed(0)
     hidden = torch.randn(20, 8, requires_grad=True)
     weight = torch.randn(64, 8, requires_grad=True)

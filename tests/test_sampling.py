@@ -8,14 +8,17 @@ import pytest
 import torch
 from conftest import RANKS
 
+from gpt import model as model_module
 from gpt import tokenizer
 from gpt.config import ModelConfig
 from gpt.errors import UserError
 from gpt.model import GPT, KVCache
 from gpt.sampling import (
     Sampling,
+    check_quantize,
     encode_prompt,
     generate,
+    quantize_int8,
     sample_next,
     sample_text,
     stream,
@@ -138,17 +141,24 @@ def test_invalid_sampling_settings_are_user_errors(changes, message):
 # ---------------------------------------------------------------- the KV cache
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_cached_logits_match_the_full_forward(explicit):
-    model = small_model()
-    model.set_explicit_attention(explicit)
-    idx = torch.randint(SMALL.vocab_size, (2, SMALL.context_length), generator=seeded(2))
-    cache = KVCache(SMALL, 2, torch.device("cpu"), torch.float32)
+def cached_and_full_logits(model: GPT, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits (batch, 12, vocab) after positions 4..15 of random text: prefilled with 5 tokens
+    and decoded one by one through the KV cache, and from one full forward."""
+    idx = torch.randint(SMALL.vocab_size, (batch, SMALL.context_length), generator=seeded(2))
+    cache = KVCache(SMALL, batch, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         full = model(idx)
         cached = [model.next_logits(idx[:, :5], cache, torch.arange(5))]
         cached += [model.next_logits(idx[:, p : p + 1], cache, torch.tensor([p])) for p in range(5, 16)]
-    torch.testing.assert_close(torch.stack(cached, 1), full[:, 4:], atol=1e-5, rtol=1e-5)
+    return torch.stack(cached, 1), full[:, 4:]
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cached_logits_match_the_full_forward(explicit):
+    model = small_model()
+    model.set_explicit_attention(explicit)
+    cached, full = cached_and_full_logits(model, 2)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", SETTINGS)
@@ -166,6 +176,61 @@ def test_sliding_a_full_window_reproduces_the_recompute_beyond_the_context(name)
     cached = generate(model, PROMPT, new, SETTINGS[name], num_samples=2, generator=seeded(), keep=keep)
     reference = generate(model, PROMPT, new, SETTINGS[name], num_samples=2, generator=seeded(), kv_cache=False)
     assert cached == reference
+
+
+def test_cpu_decoding_gives_the_greedy_tokens_of_the_padded_head(monkeypatch):
+    # before issue 18 every decode step computed the padded head's 128 columns and sliced them to 97;
+    # a CPU now leaves the padded rows out of the product: the same fp32 logits, so the same tokens
+    model, new = small_model(), 50
+    sliced = generate(model, PROMPT, new, SETTINGS["greedy"])
+    monkeypatch.setattr(model_module, "SLICED_HEAD_DEVICES", ())
+    assert generate(model, PROMPT, new, SETTINGS["greedy"]) == sliced
+
+
+# ---------------------------------------------------------------- int8 weights (generate.py --quantize int8)
+
+
+def test_int8_quantizes_every_linear_layer_and_nothing_else():
+    model = quantize_int8(small_model())
+    assert not any(isinstance(module, torch.nn.Linear) for module in model.modules()), "a Linear stayed fp32"
+    quantized = [module for module in model.modules() if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) == 4 * SMALL.n_layers + 1, "qkv, proj, up and down in each block, and the LM head"
+    assert model.tok_emb.weight.dtype == torch.float32 and model.final_norm.weight.dtype == torch.float32
+
+
+def test_int8_next_token_distributions_stay_close_to_fp32():
+    fp32 = small_model()
+    int8 = quantize_int8(small_model())
+    idx = torch.randint(SMALL.vocab_size, (2, SMALL.context_length), generator=seeded(3))
+    with torch.no_grad():
+        exact, rounded = fp32(idx).log_softmax(-1), int8(idx).log_softmax(-1)
+    kl = (exact.exp() * (exact - rounded)).sum(-1)
+    # int8 rounding moves each distribution by ~4e-5 nats here; a wrong weight scale moves it by ~1 nat
+    assert kl.max() < 1e-3, f"KL(fp32 || int8) up to {kl.max():.1e} nats"
+    assert kl.min() > 0, "the weights must really be rounded"
+
+
+def test_int8_decodes_with_the_kv_cache_as_its_full_forward_predicts():
+    model = quantize_int8(small_model())
+    cached, full = cached_and_full_logits(model, 1)
+    # activations are quantized per call, with one scale for all the rows it gets: one row here, 16 there
+    torch.testing.assert_close(cached, full, atol=0.05, rtol=0)
+    assert len(generate(model, PROMPT, 3 * SMALL.context_length, SETTINGS["top-k"], generator=seeded())[0]) == 48
+
+
+@pytest.mark.parametrize(
+    ("quantize", "device", "message"),
+    [
+        ("int8", "cuda", "runs on a CPU only"),
+        ("int8", "mps", "runs on a CPU only"),
+        ("int4", "cpu", "one of none, int8"),
+    ],
+)
+def test_unusable_quantization_is_a_user_error(quantize, device, message):
+    with pytest.raises(UserError, match=message):
+        check_quantize(quantize, torch.device(device))
+    check_quantize("none", torch.device(device))
+    check_quantize("int8", torch.device("cpu"))
 
 
 def test_the_cache_slides_so_output_is_not_limited_by_the_context():

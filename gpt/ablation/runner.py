@@ -57,7 +57,7 @@ from gpt.ablation.grid import Cell, GridSpec, SkippedCell, run_name
 from gpt.ablation.identity import GRID_ID_TAG, grid_id
 from gpt.ablation.resumable import hand_over, killed_run
 from gpt.ablation.reuse import reuse_finished
-from gpt.ablation.workers import gpu_slots, init_worker, shard_cells
+from gpt.ablation.workers import gpu_slots, init_worker, shard_cells, worker_pool
 from gpt.errors import UserError
 from gpt.job import JobOptions, JobResult, Prepared, check_grid_name, prepare, train
 from gpt.resume import Resumption
@@ -393,10 +393,8 @@ def _run_pool(
         for slot in slots:
             gpu_queue.put(slot)
     events = context.Queue()
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(gpu_queue, threads, events)
-    ) as pool:
+    # cores // workers threads each (gpt.threads): no oversubscription
+    with worker_pool(workers, gpu_queue, _init_worker, (events,)) as pool:
         worker_options = _picklable(options)
         futures = {pool.submit(run_cell, cell, *where, worker_options): cell for cell in mine}
         while futures:

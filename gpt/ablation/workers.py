@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import multiprocessing
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from gpt.ablation.grid import Cell
 from gpt.errors import UserError
+from gpt.threads import set_torch_threads, thread_environment, worker_threads
 
 
 def shard_cells(cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
@@ -46,10 +51,35 @@ def gpu_slots(gpus: list[int], per_gpu: int, visible: str | None = None) -> list
 def init_worker(gpu_queue: multiprocessing.Queue | None, threads: int) -> None:
     """Set up a spawned worker: its share of the CPU threads, and one GPU slot for its lifetime (if any).
 
-    CUDA reads CUDA_VISIBLE_DEVICES when it first initializes, which no worker has done yet here.
+    The worker was spawned inside gpt.threads.thread_environment(threads), so its OpenMP/MKL/OpenBLAS
+    pools already have that size; torch's intra-op and inter-op pools are sized here. CUDA reads
+    CUDA_VISIBLE_DEVICES when it first initializes, which no worker has done yet here.
     """
-    import torch
-
-    torch.set_num_threads(threads)
+    set_torch_threads(threads)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get()
+
+
+@contextlib.contextmanager
+def worker_pool(
+    workers: int,
+    gpu_queue: multiprocessing.Queue | None = None,
+    initializer: Callable[..., None] = init_worker,
+    extra: tuple[Any, ...] = (),
+) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """`workers` spawned processes that share the CPU: cores // workers threads each (gpt.threads).
+
+    initializer(gpu_queue, threads, *extra) sets each worker up (default init_worker; it must call
+    init_worker). Spawned, not forked: fork copies torch's running thread pools, which can deadlock.
+    The thread variables are set for the whole block, so submit within it: the pool starts its
+    processes as work is submitted, and they inherit the environment of that moment.
+    """
+    threads = worker_threads(workers)
+    context = multiprocessing.get_context("spawn")
+    with (
+        thread_environment(threads),
+        concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=initializer, initargs=(gpu_queue, threads, *extra)
+        ) as pool,
+    ):
+        yield pool
