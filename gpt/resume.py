@@ -82,7 +82,7 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
         local = local_run_dir(uri, cache_dir, target)
         try:  # remote stores: the local copy first
             path = local / "checkpoints" / "last.pt" if (local / "checkpoints" / "last.pt").is_file() else None
-            path = path or find_checkpoint(target, "last", uri)
+            path = path or find_checkpoint(target, "last", tracking_uri)  # None: the default store, named so
         except NoCheckpoint as missing:
             return _restart(target, local, uri, overrides, missing)
     else:
