@@ -8,7 +8,7 @@ full-logits loss (chunk 0) on random hidden states, for GPT-2's 50,257-token voc
 alternate within each repeat, in turned-around order every other repeat. The default clock is the
 process's CPU time with one thread, which a machine shared with other work disturbs least; the figure
 per width is each chunk's median time relative to the best one (1.00 = fastest), which is what
-gpt.model.loss_chunk_rows's auto rule, max(32, emb_dim), is chosen from.
+gpt.device.loss_chunk_rows's auto rule, max(32, emb_dim), is chosen from.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
 from gpt.config import ModelConfig  # noqa: E402
-from gpt.model import chunked_cross_entropy, loss_chunk_rows, padded_vocab  # noqa: E402
+from gpt.device import loss_chunk_rows  # noqa: E402
+from gpt.model import chunked_cross_entropy, padded_vocab  # noqa: E402
 
 VOCAB = 50257
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

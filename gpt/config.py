@@ -53,7 +53,7 @@ class ModelConfig:
     init: str = setting("pytorch")
     # rows of hidden states per chunk of the fused LM head + cross-entropy, which never holds more than one
     # chunk's logits (the reference config's full fp32 logits are 1.6 GB); 0 computes the full logits;
-    # null (auto): max(32, emb_dim) rows on a CPU, where that is faster (gpt.model.loss_chunk_rows), else 0.
+    # null (auto): max(32, emb_dim) rows on a CPU, where that is faster (gpt.device.loss_chunk_rows), else 0.
     # How the loss is computed, not what: like train.compile
     loss_chunk_rows: int | None = setting(None, identity=False, resumable=True)
 

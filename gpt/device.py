@@ -1,12 +1,12 @@
 """Where a model runs and in which precision: every device rule of training and sampling, in one place.
 
-| rule                 | CUDA            | CPU, MPS          |
-| -------------------- | --------------- | ----------------- |
-| training autocast    | bf16            | bf16 on CPUs with AVX-512 BF16 or AMX; else none (fp32) |
-| torch.compile        | on              | off               |
-| AdamW                | fused kernels   | fused on CPU; PyTorch's default on MPS |
-| LM-head loss         | full logits     | chunked on CPU (gpt.model.loss_chunk_rows) |
-| sampling weights     | bf16            | fp32 (generate.py --quantize int8: int8 Linear weights) |
+| rule              | CUDA          | CPU                                          | MPS               |
+| ----------------- | ------------- | -------------------------------------------- | ----------------- |
+| training autocast | bf16          | bf16 with AVX-512 BF16 or AMX, else fp32     | none (fp32)       |
+| torch.compile     | on            | off                                          | off               |
+| AdamW             | fused kernels | fused kernels                                | PyTorch's default |
+| LM-head loss      | full logits   | chunked (loss_chunk_rows, below)             | full logits       |
+| sampling weights  | bf16          | fp32 (generate.py --quantize int8: int8)     | fp32              |
 
 train.precision and train.compile override the training defaults.
 """
@@ -20,9 +20,12 @@ import torch
 from gpt.errors import UserError
 
 if TYPE_CHECKING:
-    from gpt.config import TrainConfig
+    from gpt.config import ModelConfig, TrainConfig
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# fewest rows per chunk of the fused LM head + loss on a CPU when model.loss_chunk_rows is null (auto): below
+# ~32 rows the head's matmuls run slowly (bench/loss_chunks.py)
+CPU_MIN_CHUNK_ROWS = 32
 
 
 def resolve_device(requested: str, option: str = "train.device") -> torch.device:
@@ -86,3 +89,17 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 def device_name(device: torch.device) -> str:
     """The GPU's model name (e.g. 'NVIDIA H100 80GB HBM3'), else the device type."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def loss_chunk_rows(cfg: ModelConfig, device: torch.device) -> int:
+    """model.loss_chunk_rows as it applies on `device`; null (auto) is max(32, emb_dim) on a CPU, else 0.
+
+    Each chunk reads the head (vocab x emb_dim) twice and reads and writes its gradient, so a chunk needs
+    about emb_dim rows before its logits' work outweighs that traffic; the tiny config's 32 rows of fp32
+    logits (6.4 MB) stay in cache, where its full logits (103 MB a batch) go to memory and back ~7 times.
+    Measured on a CPU for emb_dim 32, 128, 256 and 768 (bench/loss_chunks.py): the rule's size was the
+    fastest within noise, except at emb_dim 32, where 16 rows were up to 7% faster in some runs.
+    """
+    if cfg.loss_chunk_rows is not None:
+        return cfg.loss_chunk_rows
+    return max(CPU_MIN_CHUNK_ROWS, cfg.emb_dim) if device.type == "cpu" else 0

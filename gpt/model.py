@@ -10,11 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt.config import ModelConfig
+from gpt.device import loss_chunk_rows
 
 VOCAB_MULTIPLE = 64  # matmuls on tensor cores prefer dimensions that are multiples of 64
-# fewest rows per chunk of the fused LM head + loss on a CPU when model.loss_chunk_rows is null (auto): below
-# ~32 rows the head's matmuls run slowly (bench/loss_chunks.py)
-CPU_MIN_CHUNK_ROWS = 32
 # devices whose LM head leaves the weight's padded rows out of the product (the others keep the padded width)
 SLICED_HEAD_DEVICES = ("cpu",)
 
@@ -310,17 +308,3 @@ class GPT(nn.Module):
     def set_explicit_attention(self, explicit: bool) -> None:
         for block in self.blocks:
             block.attn.explicit = explicit
-
-
-def loss_chunk_rows(cfg: ModelConfig, device: torch.device) -> int:
-    """model.loss_chunk_rows as it applies on `device`; null (auto) is max(32, emb_dim) on a CPU, else 0.
-
-    Each chunk reads the head (vocab x emb_dim) twice and reads and writes its gradient, so a chunk needs
-    about emb_dim rows before its logits' work outweighs that traffic; the tiny config's 32 rows of fp32
-    logits (6.4 MB) stay in cache, where its full logits (103 MB a batch) go to memory and back ~7 times.
-    Measured on a CPU for emb_dim 32, 128, 256 and 768 (bench/loss_chunks.py): the rule's size was the
-    fastest within noise, except at emb_dim 32, where 16 rows were up to 7% faster in some runs.
-    """
-    if cfg.loss_chunk_rows is not None:
-        return cfg.loss_chunk_rows
-    return max(CPU_MIN_CHUNK_ROWS, cfg.emb_dim) if device.type == "cpu" else 0

@@ -12,7 +12,8 @@ from conftest import RANKS, VERDICT
 from gpt import model as model_module
 from gpt import text, tokenizer
 from gpt.config import ModelConfig
-from gpt.model import GPT, chunked_cross_entropy, loss_chunk_rows, padded_vocab
+from gpt.device import loss_chunk_rows
+from gpt.model import GPT, chunked_cross_entropy, padded_vocab
 from gpt.sizes import count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
