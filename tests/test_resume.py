@@ -101,7 +101,8 @@ def test_run_killed_mid_epoch_resumes_to_exactly_the_same_losses(uninterrupted, 
     expected, _ = uninterrupted
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     training = Training([*FAST, "--epochs", "3", "--tracking-uri", uri], cwd=tmp_path)
-    line = training.wait_for("epoch 1/3")  # printed after epoch 1's checkpoint is written
+    line = training.wait_for("epoch 1/3")
+    training.wait_for("checkpoint: last.pt written")  # epoch 1's checkpoint: the epoch line comes before it
     time.sleep(epoch_seconds(line) / 4)  # a step or two into epoch 2
     training.process.send_signal(signal.SIGKILL)
     training.finish()
@@ -139,6 +140,7 @@ def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_to_the_same_losses(uni
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     training = Training([*FAST, "--epochs", "3", "--tracking-uri", uri], cwd=tmp_path)
     line = training.wait_for("epoch 1/3")
+    training.wait_for("checkpoint: last.pt written")  # the last of epoch 1's work (a stop there is at its end)
     time.sleep(epoch_seconds(line) / 4)  # a step or two into epoch 2
     training.process.send_signal(signal.SIGINT)
     code, output = training.finish()
