@@ -40,6 +40,7 @@ class Estimate:
     validation_seconds: float  # one pass over the validation windows
     steps_per_epoch: int
     epochs: int
+    left: bool = False  # epochs counts those a resumed run has left
 
     @property
     def epoch_seconds(self) -> float:
@@ -144,7 +145,8 @@ def describe_estimate(found: Estimate, device: torch.device, n_params: int) -> l
     """The lines printed at a run's start: the estimate, and on a CPU run of hours, what suits a CPU."""
     lines = [
         f"estimate: ~{duration(found.epoch_seconds)} per epoch, ~{duration(found.run_seconds)} for "
-        f"{found.epochs} epochs on {device.type} (timed on this machine; the progress line updates it)"
+        f"{found.epochs} epoch{'s' * (found.epochs != 1)}{' left' if found.left else ''} on {device.type} "
+        "(timed on this machine; the progress line updates it)"
     ]
     if device.type == "cpu" and found.run_seconds > SLOW_RUN_S:
         lines.append(

@@ -11,6 +11,7 @@ RUNNING run behind. Once a run is open, TrackedRun ends it in a state that says 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -146,7 +147,7 @@ def describe(prepared: Prepared) -> list[str]:
         f"windows: {s.train_windows:,} train (length {cfg.window_length}, stride {cfg.window_stride}), "
         f"{s.val_windows:,} validation",
         f"per epoch: {s.steps_per_epoch:,} steps of batch {cfg.train.batch_size}, {s.tokens_per_epoch:,} tokens",
-        f"device: {prepared.device}",
+        f"device: {prepared.device}, {precision_phrase(cfg, prepared.device)}",
     ]
     if cfg.window_stride > cfg.window_length:
         lines.insert(3, stride_gap_line(cfg.window_stride, cfg.window_length, s))
@@ -155,8 +156,18 @@ def describe(prepared: Prepared) -> list[str]:
         lines.append(f"ranks: {ranks.world_size} processes, up to {share} windows of each batch on each")
     if ranks.is_main:  # the others print nothing: no need to time anything there
         found = estimate(cfg, s, prepared.device, ranks.world_size)
+        if prepared.resumed is not None:  # a resumed run trains only the epochs left
+            left = max(0, cfg.train.epochs - prepared.resumed.state.epoch)
+            found = dataclasses.replace(found, epochs=left, left=True)
         lines += describe_estimate(found, prepared.device, prepared.n_params)
     return lines
+
+
+def precision_phrase(cfg: Config, device: torch.device) -> str:
+    """'bf16 autocast (train.precision=fp32 for full fp32)' or 'fp32': how the training steps compute."""
+    if autocast_dtype(cfg.train, device) is None:
+        return "fp32"
+    return "bf16 autocast" + (" (train.precision=fp32 for full fp32)" if cfg.train.precision == "auto" else "")
 
 
 def stride_gap_line(stride: int, length: int, stats: DataStats) -> str:

@@ -92,7 +92,11 @@ def cautions(analysis: Analysis) -> list[str]:
     lines = [*_matching(analysis), *_convergence(analysis), *_fits(analysis), *_wall_time(analysis)]
     single = analysis.summary[analysis.summary["seeds"] < 2]
     if len(single):
-        lines.append(f"{len(single)} cell(s) have a single seed: no interval or test involves them")
+        lines.append(
+            f"{len(single)} cell(s) have a single seed: a cell has no spread of its own; a comparison's CI and test "
+            "pair runs across the other factors' levels, which then serve as replicates and assume no interaction; "
+            "run more seeds (--seeds 0,1,2) to measure it"
+        )
     overfit = int(runs["overfit_epoch"].notna().sum())
     if overfit:
         lines.append(f"overfitting: val loss rose again after its minimum in {overfit} of {len(runs)} runs")

@@ -48,18 +48,34 @@ def title(analysis: Analysis) -> str:
     return name if name == varies else f"{name}: {varies}"
 
 
+# the measures a grid's link sorts its runs by, most telling first: the first one its child runs have
+LINK_ORDER = (
+    "summary/val_loss_at_matched_tokens",
+    "summary/val_loss_at_matched_flops",
+    "summary/val_loss_at_common_epoch",
+    "best_val_loss",
+)
+
+
 def grid_link(tracking_uri: str, experiment_id: str, parent_run_id: str) -> str:
-    """A link to the MLflow UI's runs list showing the grid's child runs (sortable by their summary metrics)."""
+    """A link to the MLflow UI's runs list showing the grid's child runs, sorted by the first LINK_ORDER
+    metric they have (a grid whose runs reach no common token budget has no matched-token loss)."""
     import urllib.parse
 
-    from gpt.store import ui_link
+    from mlflow.tracking import MlflowClient
 
+    from gpt.store import ui_link, with_retries
+
+    children = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = with_retries(lambda: MlflowClient(tracking_uri).search_runs([experiment_id], children, max_results=50))
+    logged = {key for run in runs for key in run.data.metrics}
+    order = next((key for key in LINK_ORDER if key in logged), LINK_ORDER[-1])
     run_link = ui_link(tracking_uri, experiment_id, parent_run_id)
     base = run_link.split("/#/")[0]
     query = urllib.parse.urlencode(
         {
-            "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-            "orderByKey": "metrics.`summary/val_loss_at_matched_tokens`",
+            "searchFilter": children,
+            "orderByKey": f"metrics.`{order}`",
             "orderByAsc": "true",
             "workflowType": "machine_learning",
         },

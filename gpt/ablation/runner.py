@@ -351,7 +351,11 @@ def run_grid(spec: GridSpec, cells: list[Cell], skipped: list[SkippedCell], opti
     reused = _settle(client, experiment_id, parent_id, cells, options)
     mine = [c for c in shard_cells(cells, options.shard) if c.cell_id not in reused]
     total, outcomes = len(mine), []
-    options.echo(f"{total} of {len(cells)} cells here, {len(reused)} reused, {len(skipped)} skipped as invalid")
+    where = f"in shard {options.shard[0]}/{options.shard[1]}" if options.shard[1] > 1 else "in this grid"
+    options.echo(
+        f"{total} of {len(cells)} cells to run {where} (finished ones are skipped), {len(reused)} reused from "
+        f"another grid, {len(skipped)} skipped as invalid"
+    )
 
     def report(outcome: CellOutcome) -> None:
         outcomes.append(outcome)

@@ -36,10 +36,17 @@ def signed(x: float, digits: int = 3) -> str:
 
 
 def significance(row: pd.Series) -> str:
-    """'p_Holm = 0.003', 'n.s.' (Holm-adjusted p at or above ALPHA), or why there is no test."""
+    """'p_Holm = 0.003', 'n.s. after Holm: p_Holm = 0.13, unadjusted p = 0.025' (Holm-adjusted p at or
+    above ALPHA; the unadjusted p is named when it alone is below ALPHA, since the CI beside it is
+    unadjusted too and may then exclude zero), or why there is no test."""
     if not math.isfinite(row["p_holm"]):
         return "no test" if "no test" in row["test"] else row["test"]
-    return f"p_Holm = {row['p_holm']:.2g}" if row["p_holm"] < ALPHA else "n.s."
+    if row["p_holm"] < ALPHA:
+        return f"p_Holm = {row['p_holm']:.2g}"
+    raw = row.get("p_value", math.nan)
+    if math.isfinite(raw) and raw < ALPHA:
+        return f"n.s. after Holm: p_Holm = {row['p_holm']:.2g}, unadjusted p = {raw:.2g}"
+    return "n.s."
 
 
 def interval(row: pd.Series, ratio: bool = False) -> str:
