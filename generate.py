@@ -61,7 +61,9 @@ if TYPE_CHECKING:
     help="Sample among the most likely tokens whose probability reaches p.",
 )
 @click.option("--num-samples", type=int, default=1, show_default=True, help="Continuations, generated as a batch.")
-@click.option("--seed", type=int, help="Same seed, same text (default: a random seed, printed).")
+@click.option(
+    "--seed", type=click.IntRange(0, 2**32 - 1), help="Same seed, same text (default: a random seed, printed)."
+)
 @device_option
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (one sample).")
 @click.option("--no-echo", is_flag=True, help="Print only the continuations, not the prompt and the markers.")

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. model.n_layers=4."
 )
 @click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
-@click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Shortcut for --set train.seed=N.")
 @device_option
 @click.option("--experiment", help="MLflow experiment name (default gpt).")
 @click.option("--run-name", help="MLflow run name (default like L12-H12-E768-ctx128-s128).")

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -60,9 +61,20 @@ tokenizer_file_option = click.option(
     type=UserPath(dir_okay=False),
     help="Local GPT-2 ranks file, for use offline (default $GPT_TIKTOKEN_FILE, else download once).",
 )
+def _creatable_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --cache-dir that exists or can be created (gpt.env.make_folder), else a usage error."""
+    if value is not None:
+        try:
+            env.make_folder(Path(value), "--cache-dir")
+        except UserError as exc:
+            raise click.BadParameter(f"cannot create the folder {value}: {str(exc).rsplit(': ', 1)[-1]}") from None
+    return value
+
+
 cache_dir_option = click.option(
     "--cache-dir",
     type=UserPath(file_okay=False),
+    callback=_creatable_folder,
     help="Downloads, cleaned texts and token caches (default $GPT_CACHE_DIR, else ~/.cache/gpt-mlflow).",
 )
 device_option = click.option(

@@ -164,6 +164,7 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
 }
 _ALIASES = {"model.init": {"seed": "pytorch"}}
+MAX_SEED = 2**32 - 1  # numpy's seeding takes 32 bits
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*x\s*$")
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -390,6 +391,8 @@ def _check_ranges(cfg: Config) -> None:
         raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive, got {t.lr}")
+    if not 0 <= t.seed <= MAX_SEED:  # torch, numpy and the data order all take it
+        raise UserError(f"train.seed must be an integer from 0 to {MAX_SEED}, got {t.seed}")
     keys = "weight_decay min_lr grad_clip checkpoint_every_s temperature warmup_steps sample_every sample_every_s"
     for key in keys.split():
         if getattr(t, key) is not None and getattr(t, key) < 0:

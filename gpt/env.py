@@ -91,6 +91,18 @@ def check() -> None:
     folder = _get(CACHE_DIR)
     if folder is not None and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
         raise UserError(f"{CACHE_DIR} is not a folder: {folder}")
+    if folder is not None:
+        make_folder(Path(folder).expanduser(), CACHE_DIR)
+
+
+def make_folder(path: Path, source: str) -> Path:
+    """path, created if missing; UserError naming `source` (the option or variable that set it) when it
+    cannot be (a parent that is a file, a read-only or virtual file system, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder {path} set by {source}: {exc.strerror or exc}") from None
+    return path
 
 
 def quiet_mlflow_client() -> None:

@@ -28,13 +28,18 @@ if TYPE_CHECKING:
     from gpt.model import GPT
     from gpt.tracking import Tracker
 
-_REGISTERED_NAME = re.compile(r"^[^/:%@]{1,256}$")  # MLflow refuses / and :, and @ would read as an alias
+# MLflow refuses / and :; @ would read as an alias; whitespace, ? and # break the models:/NAME/VERSION URI
+# the model is loaded by (MLflow's own loader and generate.py --model)
+_REGISTERED_NAME = re.compile(r"^[^/:%@?#\s]{1,256}$")
 
 
 def check_registered_name(name: str | None) -> str | None:
     """A registered model name that MLflow accepts and models:/NAME@alias can name; UserError otherwise."""
-    if name is not None and (not _REGISTERED_NAME.match(name) or name.strip() in ("", ".", "..")):
-        raise UserError(f"registered model name {name!r} is not allowed: use 1-256 characters without / : % or @")
+    if name is not None and (not _REGISTERED_NAME.match(name) or not name.isprintable() or name in (".", "..")):
+        raise UserError(
+            f"registered model name {name!r} is not allowed: use 1-256 characters without spaces or / : % @ ? # "
+            "(it is loaded back as models:/NAME/VERSION), e.g. my-gpt"
+        )
     return name
 
 

@@ -194,7 +194,8 @@ def finish_complete(resumption: Resumption, cache_dir: Path) -> Replayed:
         raise
     if status == "FINISHED":
         raise UserError(
-            f"run {run_id} already trained its {epochs} epochs; add --epochs N (more than {done}) to train it longer"
+            f"run {run_id} already trained {done} epochs (its plan: {epochs}); add --epochs N (more than {done}) to "
+            "train it longer"
         )
     local = local_run_dir(uri, cache_dir, run_id)
     if not (local / "run.json").is_file():  # resumed on another machine than it trained on

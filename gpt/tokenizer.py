@@ -24,6 +24,9 @@ def get_encoding(ranks_file: str | None = None) -> tiktoken.Encoding:
     return _encoding(ranks_file or env.tiktoken_file())
 
 
+GPT2_RANKS = 50_256  # byte-pair ranks in gpt2.tiktoken; <|endoftext|> is id 50,256
+
+
 @functools.lru_cache(maxsize=4)
 def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
     if ranks_file is None:
@@ -41,6 +44,8 @@ def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
         ranks = load_tiktoken_bpe(str(path))
     except Exception as exc:  # tiktoken raises plain ValueErrors/binascii errors on a bad file
         raise UserError(f"tokenizer file {path} is not a tiktoken ranks file ({exc})") from None
+    if len(ranks) != GPT2_RANKS:  # an empty or cut file would make another (smaller) vocabulary
+        raise UserError(f"tokenizer file {path} holds {len(ranks):,} ranks, not GPT-2's {GPT2_RANKS:,} (gpt2.tiktoken)")
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_PATTERN,

@@ -174,3 +174,36 @@ def test_a_grid_that_completes_later_drops_its_stale_failed_cells_file(tmp_path:
     outcome = runner.GridOutcome(parent, [], {"abc": CellState("DONE")}, [cell])
     assert runner.close_parent(uri, outcome) == "FINISHED"
     assert "failed_cells.txt" not in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_workers_of_a_grid_killed_outright_stop_their_cells_with_a_checkpoint_and_exit(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) to the grid's process alone: its workers notice, end their cells KILLED with a
+    checkpoint and exit, instead of training on as orphans and then waiting forever."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    grid = Grid(uri, tmp_path)
+    grid.wait_for("start n_layers=", count=2)
+    wait_for_training(uri, 2)
+    workers = [int(r.data.tags["ablation.pid"]) for r in runs_of(uri) if "ablation.pid" in r.data.tags]
+    assert len(workers) == 2 and grid.process.pid not in workers
+    grid.process.send_signal(signal.SIGKILL)  # the grid's process only: the workers lead their own groups
+    grid.finish()
+
+    deadline = time.monotonic() + 120
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not any(_alive(pid) for pid in workers), "the orphaned workers should exit"
+    children = [r for r in runs_of(uri) if "ablation.cell_id" in r.data.tags]
+    assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"]
+    client = MlflowClient(uri)
+    for child in children:
+        saved = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")}
+        assert "checkpoints/last.pt" in saved, f"{child.info.run_name} stopped without a checkpoint"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

@@ -613,3 +613,17 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path: Path) -> None:
             spool.mark_delivered(1)
     assert spool.delivered() == 1, "what was delivered counts in this process even when it cannot be recorded"
     assert DiskFault.exit_code == 5
+
+
+def test_a_cache_folder_that_cannot_be_created_is_named_before_any_run_exists(store, monkeypatch, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("GPT_CACHE_DIR", str(blocker / "cache"))
+    client = MlflowClient(uri_of(store))
+    before = {r.info.run_id for e in client.search_experiments() for r in client.search_runs(e.experiment_id)}
+
+    code, output = train(store, *FAST)
+
+    expected = f"error: cannot create the folder {blocker / 'cache'} set by GPT_CACHE_DIR"
+    assert code == 2 and output.strip().startswith(expected), output
+    assert {r.info.run_id for e in client.search_experiments() for r in client.search_runs(e.experiment_id)} == before

@@ -339,6 +339,9 @@ def test_the_best_cell_is_the_lowest_mean_over_seeds_and_its_best_seed_is_regist
     ("args", "message"),
     [
         (["--register-model", "a/b"], "registered model name 'a/b' is not allowed"),
+        (["--register-model", "my gpt"], "registered model name 'my gpt' is not allowed"),  # models:/ URIs break
+        (["--register-model", "a?x#y"], "registered model name 'a?x#y' is not allowed"),
+        (["--register-model", "new\nline"], "registered model name 'new\\nline' is not allowed"),
         (["--register-model", "x", "--no-log-model"], "--no-log-model logs no model"),
         (["--log-model", "0" * 32, "--data", str(VERDICT)], "--log-model logs a trained run's model"),
     ],

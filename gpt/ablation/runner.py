@@ -400,7 +400,7 @@ def _run_pool(
     # cores // workers threads each (gpt.threads): no oversubscription
     with worker_pool(workers, gpu_queue, _init_worker, (events,)) as pool:
         worker_options = _picklable(options)
-        futures = {pool.submit(run_cell, cell, *where, worker_options): cell for cell in mine}
+        futures = {pool.submit(stopping.run_in_cell, run_cell, cell, *where, worker_options): cell for cell in mine}
         while futures:
             done, _ = concurrent.futures.wait(futures, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
             _drain(events, options.echo)

@@ -7,6 +7,11 @@ every worker once: a worker's training gets exactly one signal per key press (th
 the step with a checkpoint, a second exits at once, as in train.py), and a `kill` of the grid's
 process stops the workers too. Whatever process a signal reaches sets its `requested()` flag, which
 run_cell checks before it claims or trains a cell.
+
+A grid process killed outright (SIGKILL, the OOM killer) forwards nothing: each worker watches for its
+parent's death (watch_parent) and then stops as if it got SIGTERM (its cell ends KILLED with a
+checkpoint, and a re-run goes on from it) and exits once no cell is training, instead of training on
+as an orphan and then waiting forever for work from a dead parent.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from gpt.signals import _notice as notice  # writes from a signal handler
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested = 0  # the first signal's number in this process, 0 until one arrives
+_training = threading.Event()  # set while this process runs a cell (in_cell)
+PARENT_POLL_S = 1.0
 
 
 def requested() -> int:
@@ -77,3 +87,37 @@ def worker_signals() -> None:
     os.setpgid(0, 0)
     for number in SIGNALS:
         signal.signal(number, lambda number, frame: request(number))
+    watch_parent()
+
+
+@contextmanager
+def in_cell() -> Iterator[None]:
+    """Mark this process as running a cell (watch_parent waits for it to end before exiting)."""
+    _training.set()
+    try:
+        yield
+    finally:
+        _training.clear()
+
+
+def run_in_cell(function: Callable[..., Any], *args: Any) -> Any:
+    """function(*args) inside in_cell(): what a worker process runs for each cell."""
+    with in_cell():
+        return function(*args)
+
+
+def watch_parent(poll_s: float = PARENT_POLL_S) -> None:
+    """In a worker: once the grid's process is gone (re-parented worker), SIGTERM this process (the cell
+    stops after its step with a checkpoint and ends KILLED) and exit when no cell is training."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(poll_s)  # the cell's own stop starts before the check below
+        while _training.is_set():
+            time.sleep(poll_s)
+        os._exit(128 + signal.SIGTERM)  # the executor's queues belong to the dead parent: nothing to clean up
+
+    threading.Thread(target=watch, name="grid-parent-watch", daemon=True).start()
