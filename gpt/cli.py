@@ -62,10 +62,10 @@ tokenizer_file_option = click.option(
     help="Local GPT-2 ranks file, for use offline (default $GPT_TIKTOKEN_FILE, else download once).",
 )
 def _creatable_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A --cache-dir that exists or can be created (gpt.env.make_folder), else a usage error."""
+    """A --cache-dir that exists or can be created (gpt.env.check_folder), else a usage error."""
     if value is not None:
         try:
-            env.make_folder(Path(value), "--cache-dir")
+            env.check_folder(Path(value), "--cache-dir")
         except UserError as exc:
             raise click.BadParameter(f"cannot create the folder {value}: {str(exc).rsplit(': ', 1)[-1]}") from None
     return value

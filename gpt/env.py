@@ -92,16 +92,20 @@ def check() -> None:
     if folder is not None and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
         raise UserError(f"{CACHE_DIR} is not a folder: {folder}")
     if folder is not None:
-        make_folder(Path(folder).expanduser(), CACHE_DIR)
+        check_folder(Path(folder).expanduser(), CACHE_DIR)
 
 
-def make_folder(path: Path, source: str) -> Path:
-    """path, created if missing; UserError naming `source` (the option or variable that set it) when it
-    cannot be (a parent that is a file, a read-only or virtual file system, no permission)."""
+def check_folder(path: Path, source: str) -> Path:
+    """path, if it is a folder or can be created as one; UserError naming `source` (the option or variable
+    that set it) otherwise (a parent that is a file, a read-only or virtual file system, no permission).
+    Folders created to find out are removed again: bad input elsewhere must leave nothing behind."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the folder {path} set by {source}: {exc.strerror or exc}") from None
+    for folder in missing:  # deepest first
+        folder.rmdir()
     return path
 
 
