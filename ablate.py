@@ -220,12 +220,15 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
 )
 @click.option("--python", "python", default=sys.executable, show_default="this Python", help="Python on the nodes.")
 @click.option("--target-loss", type=TARGET_LOSS, help="Passed on to the report of the last task.")
+@click.option("--no-log-model", is_flag=True, help="Passed on: cells log no MLflow Model (checkpoints only).")
+@click.option("--register-model", metavar="NAME", help="Passed on: the last task registers the grid's best model.")
 @click.option("-o", "--output", type=UserPath(dir_okay=False), help="Script file (default: <grid name>.sbatch).")
 @friendly_errors
 def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, experiment, tracking_uri,
           tasks, max_running, partition, account, time_limit, gpus_per_task, gres, per_gpu, cpus_per_task, mem, extra,
-          log_dir, python, target_loss, output) -> None:  # fmt: skip
+          log_dir, python, target_loss, no_log_model, register_model, output) -> None:  # fmt: skip
     """Write a Slurm job-array script that trains the grid's cells, one array task per cell."""
+    check_registered_name(register_model)
     from gpt.ablation.slurm import SlurmOptions, check, job_name, job_script
     from gpt.store import resolve_tracking_uri, sqlite_path
 
@@ -237,8 +240,9 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
     args = [*([grid_file] if grid_file else []), "--name", spec.name, "--experiment", experiment or spec.name]
     options_given = {"--base": [base], "--data": data, "--vary": vary, "--seeds": [seeds], "--set": sets}
     options_given.update({"--design": [design], "--tokenizer-file": [tokenizer_file], "--cache-dir": [cache_dir]})
-    for flag, values in {**options_given, "--target-loss": [target_loss]}.items():
+    for flag, values in {**options_given, "--target-loss": [target_loss], "--register-model": [register_model]}.items():
         args += [part for value in values if value is not None for part in (flag, str(value))]
+    args += ["--no-log-model"] if no_log_model else []
     options = SlurmOptions(
         tasks=tasks or len(cells),
         time=time_limit,

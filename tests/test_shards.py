@@ -184,6 +184,7 @@ def test_slurm_script_passes_the_grid_and_asks_for_one_gpu_per_task(tmp_path: Pa
     grid = [*TINY, "--data", str(VERDICT), "--vary", "model.n_layers=1,2", "--vary", "data.stride=0.5x,1x"]
     args = ["slurm", *grid, "--name", "arch", "--tracking-uri", "http://mlflow.team:5000", "--partition", "gpu"]
     args += ["--time", "2:00:00", "--sbatch", "--constraint=a100", "--log-dir", str(tmp_path / "logs")]
+    args += ["--no-log-model", "--register-model", "arch-best"]
     result = CliRunner().invoke(ablate.main, [*args, "-o", str(script)])
     assert result.exit_code == 0, result.output
     text = script.read_text()
@@ -194,7 +195,8 @@ def test_slurm_script_passes_the_grid_and_asks_for_one_gpu_per_task(tmp_path: Pa
     command = text.splitlines()[-1]
     assert command.endswith('--shard "${SLURM_ARRAY_TASK_ID}/4"'), command
     for option in ["--vary model.n_layers=1,2", "--vary data.stride=0.5x,1x", "--seeds 0", "--set train.epochs=1",
-                   "--experiment arch", f"--data {VERDICT}", "--name arch"]:  # fmt: skip
+                   "--experiment arch", f"--data {VERDICT}", "--name arch", "--no-log-model",
+                   "--register-model arch-best"]:  # fmt: skip
         assert option in command, f"{option!r} missing from {command}"
     assert (tmp_path / "logs").is_dir(), "Slurm does not create the log folder: the script's writer must"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -202,7 +204,8 @@ def test_slurm_script_passes_the_grid_and_asks_for_one_gpu_per_task(tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--tasks", "9"], "--tasks 9"), (["--time", "two hours"], "--time"), (["--partition", " "], "--partition")],
+    [(["--tasks", "9"], "--tasks 9"), (["--time", "two hours"], "--time"), (["--partition", " "], "--partition"),
+     (["--register-model", "my gpt"], "registered model name 'my gpt' is not allowed")],
 )
 def test_bad_slurm_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
     grid = [*TINY, "--data", str(VERDICT), "--vary", "model.n_layers=1,2"]
