@@ -103,3 +103,21 @@ def loss_chunk_rows(cfg: ModelConfig, device: torch.device) -> int:
     if cfg.loss_chunk_rows is not None:
         return cfg.loss_chunk_rows
     return max(CPU_MIN_CHUNK_ROWS, cfg.emb_dim) if device.type == "cpu" else 0
+
+
+def check_fits(n_params: int, device: torch.device) -> None:
+    """UserError when training n_params parameters cannot fit this device's memory: fp32 weights, gradients
+    and AdamW's two moments take 16 bytes a parameter before any activation (the reference model: 2.6 GB)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    need = 16 * n_params
+    if need > total:
+        raise UserError(
+            f"the model's {n_params:,} parameters need {need / 2**30:,.1f} GiB for weights, gradients and AdamW "
+            f"state, more than this {device.type}'s {total / 2**30:,.1f} GiB: make it smaller (model.n_layers, "
+            "model.emb_dim, model.context_length)"
+        )

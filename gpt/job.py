@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from gpt import checkpoint, distributed
 from gpt.config import Config, dump_yaml, resumable_keys
 from gpt.data import Corpus, build_corpus, data_stats
-from gpt.device import autocast_dtype, device_name, resolve_device
+from gpt.device import autocast_dtype, check_fits, device_name, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
 from gpt.estimate import describe_estimate, estimate
@@ -131,6 +131,7 @@ def prepare(cfg: Config, options: JobOptions, resume_payload: dict[str, Any] | N
     if options.ranks.active:
         device = distributed.join(options.ranks, device)
     stats = data_stats(cfg, corpus)
+    check_fits(count_parameters(cfg.model), device)
     prepared = Prepared(cfg, corpus, stats, device, count_parameters(cfg.model), options.ranks)
     if resume_payload is not None:
         prepared.resumed = build_trainer(cfg, prepared, resume_payload)

@@ -214,6 +214,7 @@ CASES = [
          "holds 0 ranks"),
     case("cache dir cannot be created", "train", [*BASE, "--cache-dir", "{inputs}/notes.txt/sub"], "cannot create"),
     case("seed too large", "train", [*BASE, "--seed", "99999999999999999999"], "--seed"),
+    case("model beyond memory", "train", [*BASE, "--set", "model.n_layers=1e30"], "AdamW state, more than this"),
     case("seed too large in --set", "train", [*BASE, "--set", "train.seed=99999999999999999999"], "train.seed"),
     case("seed too large (generate)", "generate", [*SAMPLE, "--seed", "99999999999999999999"], "--seed"),
     case("cache dir is a file", "train", [*BASE, "--cache-dir", "{inputs}/notes.txt"], "is a file"),
