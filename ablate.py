@@ -89,8 +89,6 @@ def main() -> None:
 @friendly_errors
 def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, tracking_uri) -> None:
     """Print the grid's cells with parameters, tokens per epoch, FLOPs and measured time; run nothing."""
-    from gpt.store import resolve_tracking_uri
-
     spec, cells, skipped, corpus, _, _ = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
@@ -99,6 +97,8 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
         click.echo("(the grid varies the data, so token counts are per cell and not shown)")
         click.echo("\n".join(f"{c.name}  {c.cell_id}" for c in cells))
         return
+    from gpt.store import resolve_tracking_uri  # MLflow loads only once the grid is known to be sound
+
     rows = plan_rows(cells, len(corpus.train), len(corpus.val))
     base_ids = frozenset(c.cell_id for c in cells if c.levels == spec.base_levels())
     click.echo(format_plan(rows, skipped, base_ids, cell_estimates(cells, rows, resolve_tracking_uri(tracking_uri))))
@@ -141,14 +141,13 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
     same command again to go on).
     """
     check_registered_name(register_model)
-    from gpt.ablation.identity import cell_digests
-    from gpt.ablation.runner import RunnerOptions, close_parent, run_grid, stop_parent
-    from gpt.ablation.workers import parse_shard
-    from gpt.store import resolve_tracking_uri
-
     spec, cells, skipped, corpus, cache, tokenizer_file = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
+    from gpt.ablation.identity import cell_digests  # MLflow loads only once the grid is known to be sound
+    from gpt.ablation.runner import RunnerOptions, close_parent, run_grid, stop_parent
+    from gpt.ablation.workers import parse_shard
+    from gpt.store import resolve_tracking_uri
     if not cells:
         raise UserError(f"grid {spec.name} has no runnable cell ({len(skipped)} skipped as invalid)")
     if per_gpu > 1 and not gpus:
