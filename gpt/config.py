@@ -397,6 +397,8 @@ def _check_ranges(cfg: Config) -> None:
     for key in keys.split():
         if getattr(t, key) is not None and getattr(t, key) < 0:
             raise UserError(f"train.{key} must not be negative, got {getattr(t, key)}")
+    if t.min_lr > t.lr:  # the cosine schedule would climb from lr to its "floor"
+        raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
 
 
 def dump_yaml(cfg: Config) -> str:

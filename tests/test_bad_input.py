@@ -215,6 +215,7 @@ CASES = [
     case("cache dir cannot be created", "train", [*BASE, "--cache-dir", "{inputs}/notes.txt/sub"], "cannot create"),
     case("seed too large", "train", [*BASE, "--seed", "99999999999999999999"], "--seed"),
     case("model beyond memory", "train", [*BASE, "--set", "model.n_layers=1e30"], "AdamW state, more than this"),
+    case("min_lr above lr", "train", [*BASE, "--set", "train.min_lr=1"], "train.min_lr (1.0) must not exceed"),
     case("seed too large in --set", "train", [*BASE, "--set", "train.seed=99999999999999999999"], "train.seed"),
     case("seed too large (generate)", "generate", [*SAMPLE, "--seed", "99999999999999999999"], "--seed"),
     case("cache dir is a file", "train", [*BASE, "--cache-dir", "{inputs}/notes.txt"], "is a file"),
