@@ -106,8 +106,9 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
 
 def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, str]:
     """Cell id -> estimated training time from finished runs of the same shape (gpt.ablation.estimate)."""
-    from gpt.ablation.estimate import format_duration, measured_speeds
+    from gpt.ablation.estimate import measured_speeds
     from gpt.device import resolve_device
+    from gpt.estimate import duration
 
     device = str(resolve_device(cells[0].config.train.device)) if cells else "cpu"
     speeds = measured_speeds(uri, cells, device)
@@ -116,7 +117,7 @@ def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, s
         speed = speeds.get(row["cell_id"])
         if speed is not None:
             seconds = row["tokens_per_epoch"] * row["epochs"] / speed.tokens_per_second
-            estimates[row["cell_id"]] = f"{format_duration(seconds)} ({speed.runs} run{'s' * (speed.runs > 1)})"
+            estimates[row["cell_id"]] = f"{duration(seconds)} ({speed.runs} run{'s' * (speed.runs > 1)})"
     return estimates
 
 

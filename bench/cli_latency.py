@@ -28,7 +28,8 @@ COMMANDS = {
     "generate.py bad --temperature": ["generate.py", "--prompt", "x", "--temperature", "-1"],
     "ablate.py --help": ["ablate.py", "--help"],
     "ablate.py plan bad --set key": ["ablate.py", "plan", "--base", "configs/tiny.yaml", "--set", "model.n_layerz=4"],
-}
+    "ablate.py run bad --set key": ["ablate.py", "run", "--base", "configs/tiny.yaml", "--set", "model.n_layerz=4"],
+}  # also the commands tests/test_cli_imports.py checks
 
 
 def cpu_seconds(args: list[str], cwd: Path) -> tuple[float, float, int]:

@@ -131,8 +131,9 @@ def prepare(cfg: Config, options: JobOptions, resume_payload: dict[str, Any] | N
     if options.ranks.active:
         device = distributed.join(options.ranks, device)
     stats = data_stats(cfg, corpus)
-    check_fits(count_parameters(cfg.model), device)
-    prepared = Prepared(cfg, corpus, stats, device, count_parameters(cfg.model), options.ranks)
+    n_params = count_parameters(cfg.model)
+    check_fits(n_params, device)
+    prepared = Prepared(cfg, corpus, stats, device, n_params, options.ranks)
     if resume_payload is not None:
         prepared.resumed = build_trainer(cfg, prepared, resume_payload)
     return prepared

@@ -202,7 +202,15 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(epoch, i + 1, len(batches), loss)
         values = self.ranks.sum(losses).tolist()  # the epoch's one host sync
-        step_losses = self._logged_points(values, first_step, len(batches))
+        return self._end_epoch(epoch, values, first_step, started, tokens_before)
+
+    def _end_epoch(
+        self, epoch: int, values: list[float], first_step: int, started: float, tokens_before: int
+    ) -> EpochMetrics:
+        """The epoch's step losses checked (NonFiniteLoss), validation when due, the state moved to the
+        epoch's end, and its metrics. values: every step's loss of the epoch, in order."""
+        s, t = self.state, self.cfg.train
+        step_losses = self._logged_points(values, first_step, len(values))
         bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
         if bad is not None:
             before = [(step, value) for step, value in step_losses if step < first_step + bad]

@@ -10,17 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, load_script, subprocess_env
 
-QUICK = {
-    "train.py --help": ["train.py", "--help"],
-    "train.py bad --set key": ["train.py", "--set", "model.n_layerz=4"],
-    "generate.py --help": ["generate.py", "--help"],
-    "generate.py bad --temperature": ["generate.py", "--prompt", "x", "--temperature", "-1"],
-    "ablate.py --help": ["ablate.py", "--help"],
-    "ablate.py plan bad --set key": ["ablate.py", "plan", "--base", "configs/tiny.yaml", "--set", "model.n_layerz=4"],
-    "ablate.py run bad --set key": ["ablate.py", "run", "--base", "configs/tiny.yaml", "--set", "model.n_layerz=4"],
-}
+QUICK = load_script("bench/cli_latency").COMMANDS  # the commands the bench times
 HEAVY = ("torch", "mlflow")
 
 

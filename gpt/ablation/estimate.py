@@ -68,12 +68,3 @@ def measured_speeds(tracking_uri: str, cells: Sequence[Cell], device: str) -> di
         if speeds[shape] is not None:
             result[cell.cell_id] = speeds[shape]
     return result
-
-
-def format_duration(seconds: float) -> str:
-    """'45 s', '12 min', '3.4 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -60,50 +60,21 @@ def load_grid(
     each `vary` item ("model.n_layers=2,4,8") replaces that factor's levels or adds the factor;
     `sets` ("train.epochs=2") are applied after the file's.
     """
-    raw: dict[str, Any] = {}
-    source = None
-    if path is not None:
-        source = Path(path).expanduser()
-        if not source.is_file():
-            raise UserError(f"grid file not found: {source}")
-        raw = read_yaml(source)
-        if not isinstance(raw, dict):
-            raise UserError(
-                f"{source}: a grid file must be a mapping (name, base, data, vary...), got {type(raw).__name__}"
-            )
-        unknown = [str(k) for k in raw if k not in GRID_KEYS]
-        if unknown:
-            raise UserError(f"{source}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
+    source = Path(path).expanduser() if path is not None else None
+    raw = _read_grid_file(source) if source is not None else {}
     where = str(source) if source else "grid"
-
-    base_path = _find_base(base, None) if base is not None else None
-    if base_path is None and raw.get("base") is not None:
-        base_path = _find_base(raw["base"], source)
-    cfg = from_dict(read_yaml(base_path), source=str(base_path)) if base_path else Config()
-    try:
-        _apply_inline(cfg, raw.get("config"))
-    except UserError as exc:
-        raise UserError(f"{where}: config: {exc}") from None
+    base_path, cfg = _base_config(base, raw, source, where)
 
     files = list(data) or _string_list(raw.get("data"), f"{where}: data")
     if files:
         cfg.data.files = files
-
     all_sets = _string_list(raw.get("set"), f"{where}: set") + list(sets)
     for item in all_sets:
         try:
             _apply_set(cfg, item)
         except UserError as exc:
             raise UserError(f"set {item!r}: {exc}") from None
-
-    factors = {key: _factor(key, levels, f"{where}: vary") for key, levels in _vary_items(raw.get("vary"), where)}
-    cli_keys: set[str] = set()
-    for item in vary:
-        key, levels = _parse_vary(item)
-        if key in cli_keys:
-            raise UserError(f"--vary {key} is given twice; list all its levels once: --vary {key}=a,b,c")
-        cli_keys.add(key)
-        factors[key] = _factor(key, levels, "--vary")
+    factors = _factors(raw, vary, where)
 
     spec = GridSpec(
         name=name or str(raw.get("name") or (source.stem if source else default_grid_name(list(factors)))),
@@ -122,6 +93,49 @@ def load_grid(
             if key in factors:
                 raise UserError(f"set {item!r} conflicts with the varied factor {key}; give its levels in vary instead")
     return spec
+
+
+def _read_grid_file(source: Path) -> dict[str, Any]:
+    """The grid file's mapping; UserError for a missing file, another YAML shape or an unknown key."""
+    if not source.is_file():
+        raise UserError(f"grid file not found: {source}")
+    raw = read_yaml(source)
+    if not isinstance(raw, dict):
+        what = type(raw).__name__
+        raise UserError(f"{source}: a grid file must be a mapping (name, base, data, vary...), got {what}")
+    unknown = [str(k) for k in raw if k not in GRID_KEYS]
+    if unknown:
+        raise UserError(f"{source}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
+    return raw
+
+
+def _base_config(
+    base: str | Path | None, raw: dict[str, Any], source: Path | None, where: str
+) -> tuple[Path | None, Config]:
+    """The base config's file (--base, else the grid file's `base`, else none) and the config it gives,
+    with the grid file's inline `config` applied."""
+    base_path = _find_base(base, None) if base is not None else None
+    if base_path is None and raw.get("base") is not None:
+        base_path = _find_base(raw["base"], source)
+    cfg = from_dict(read_yaml(base_path), source=str(base_path)) if base_path else Config()
+    try:
+        _apply_inline(cfg, raw.get("config"))
+    except UserError as exc:
+        raise UserError(f"{where}: config: {exc}") from None
+    return base_path, cfg
+
+
+def _factors(raw: dict[str, Any], vary: Sequence[str], where: str) -> dict[str, Factor]:
+    """The grid file's factors, each --vary replacing a factor's levels or adding one (key -> Factor)."""
+    factors = {key: _factor(key, levels, f"{where}: vary") for key, levels in _vary_items(raw.get("vary"), where)}
+    cli_keys: set[str] = set()
+    for item in vary:
+        key, levels = _parse_vary(item)
+        if key in cli_keys:
+            raise UserError(f"--vary {key} is given twice; list all its levels once: --vary {key}=a,b,c")
+        cli_keys.add(key)
+        factors[key] = _factor(key, levels, "--vary")
+    return factors
 
 
 def _find_base(value: Any, grid_file: Path | None) -> Path:
