@@ -1,4 +1,4 @@
-"""The seed's GPT: token + position embeddings, pre-norm transformer blocks, final norm, LM head."""
+"""The reference implementation's GPT: token + position embeddings, pre-norm transformer blocks, final norm, LM head."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def padded_vocab(vocab_size: int) -> int:
 def explicit_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, visible: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The seed's formulation (scores, triu mask, softmax): the reference SDPA must match.
+    """The reference implementation's formulation (scores, triu mask, softmax): the reference SDPA must match.
 
     `visible` (queries x keys, True where a query may look) replaces the causal mask for cached keys.
     """
@@ -67,7 +67,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.explicit = False  # True selects the seed's masked-softmax path (reference, benchmarks)
+        self.explicit = False  # True selects the reference masked-softmax path (reference, benchmarks)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         batch, length, width = x.shape
@@ -237,7 +237,7 @@ class GPT(nn.Module):
         if cfg.init == "gpt2":
             self._init_gpt2()
         elif cfg.tie_weights:
-            # the seed's init leaves embeddings N(0, 1); as the head's weights that would make the
+            # the reference init leaves embeddings N(0, 1); as the head's weights that would make the
             # first logits ~sqrt(emb_dim) wide, so a shared matrix starts at the head's scale
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
 

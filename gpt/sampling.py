@@ -1,7 +1,8 @@
 """Sampling from a trained GPT: temperature, top-k and top-p, with a KV cache and CUDA-graph decoding.
 
-The seed's loop is the reference: crop to the last context_length tokens, forward, take the last
-logits, keep the top k, divide by the temperature, softmax, draw (argmax when the temperature is 0).
+The reference implementation's loop, which the KV cache must match: crop to the last context_length
+tokens, forward, take the last logits, keep the top k, divide by the temperature, softmax, draw
+(argmax when the temperature is 0).
 `kv_cache=False` runs exactly that. The cached path prefills the prompt once and then feeds one
 token per step; with learned position embeddings the cache cannot grow past context_length, so when
 it fills, the last `keep` tokens are prefilled again at positions 0.. and decoding goes on.
@@ -274,7 +275,7 @@ def quantize_int8(model: GPT) -> GPT:
         # torch.ao's eager-mode quantization announces its move to the torchao package; it still works
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*", category=UserWarning)
-        # in place: a copy would hold the fp32 model twice (650 MB for the seed model) while quantizing
+        # in place: a copy would hold the fp32 model twice (650 MB for the reference model) while quantizing
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
