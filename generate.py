@@ -25,7 +25,7 @@ from gpt.cli import (
     tracking_uri_option,
 )
 from gpt.config import Sampling
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 from gpt.text import read_prompt
 
 if TYPE_CHECKING:
@@ -198,8 +198,9 @@ def _check_options(
         raise UserError(
             f"give --run RUN_ID (--checkpoint {checkpoint} means that run's checkpoints/{checkpoint}.pt) or --model URI"
         )
-    if run_id is None and not Path(checkpoint).is_file():
-        raise UserError(f"give --run RUN_ID, or --checkpoint naming a local .pt file (there is no file {checkpoint!r})")
+    if run_id is None:
+        missing = f"give --run RUN_ID, or --checkpoint naming a local .pt file (there is no file {checkpoint!r})"
+        check_file(Path(checkpoint).expanduser(), "--checkpoint", missing)
     if run_id is None and log_to_run:
         raise UserError("--log adds the text to a run: give --run RUN_ID")
 

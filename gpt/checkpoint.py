@@ -26,7 +26,7 @@ import torch
 
 from gpt import config as config_module
 from gpt.config import Config
-from gpt.errors import DiskFault, UserError, disk_fault, writing
+from gpt.errors import DiskFault, UserError, check_file, disk_fault, writing
 from gpt.state import TrainState
 
 FORMAT = "gpt-mlflow-checkpoint/2"
@@ -198,9 +198,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
 
     mmap: map the tensors instead of reading them (to look at a checkpoint's position or config only).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    path = check_file(Path(path), "checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # the weights-only unpickler also raises IndexError, KeyError... on foreign bytes

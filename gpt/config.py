@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, identity: bool = True,
@@ -218,9 +218,7 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's content; a missing or malformed file is a UserError naming it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+    path = check_file(Path(path).expanduser(), "config file")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

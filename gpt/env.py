@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 
 TRACKING_URI = "MLFLOW_TRACKING_URI"
 TIKTOKEN_FILE = "GPT_TIKTOKEN_FILE"
@@ -86,8 +86,9 @@ def check() -> None:
     if "{id}" not in url:
         raise UserError(f"{GUTENBERG_URL} must contain {{id}} where the book number goes, got {url!r}")
     ranks = tiktoken_file()
-    if ranks is not None and not Path(ranks).expanduser().is_file():
-        raise UserError(f"{TIKTOKEN_FILE} names no file: {ranks} (a gpt2.tiktoken ranks file)")
+    if ranks is not None:
+        missing = f"{TIKTOKEN_FILE} names no file: {ranks} (a gpt2.tiktoken ranks file)"
+        check_file(Path(ranks).expanduser(), f"{TIKTOKEN_FILE}:", missing)
     folder = _get(CACHE_DIR)
     if folder is not None and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
         raise UserError(f"{CACHE_DIR} is not a folder: {folder}")

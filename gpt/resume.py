@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from gpt import checkpoint, metrics
 from gpt.config import Config, apply_overrides, resumable_keys, validate
 from gpt.data import Corpus
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 from gpt.runs import NoCheckpoint, check_run_store, find_checkpoint, local_run_dir
 from gpt.store import check_tracking_uri, local_artifact_dir, resolve_tracking_uri, sqlite_path, with_retries
 from gpt.tracking import Ending, Replayed, Spool, replay, run_meta, write_run_record
@@ -87,9 +87,9 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
             return _restart(target, local, uri, overrides, missing)
     else:
         path = Path(target).expanduser()
-        if path.is_dir():
-            raise UserError(f"--resume {target}: is a folder; give a run id or a checkpoint file (.pt)")
-        if not path.is_file() and path.suffix != ".pt":
+        if path.exists():
+            check_file(path, "--resume")  # a folder, device or pipe is named as such
+        elif path.suffix != ".pt":
             raise UserError(f"--resume {target!r} is neither a run id (32 hex digits) nor a checkpoint file")
     source = f"checkpoint {path}"
     payload = checkpoint.load(path)

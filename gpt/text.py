@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt import env
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 
 MAX_PROMPT_CHARS = 1_000_000  # the model sees only the last context_length tokens; more is a mistake
 TOO_LONG = (
@@ -71,9 +71,7 @@ def expand_sources(sources: list[str], cache_dir: Path) -> list[Path]:
             path = Path(source).expanduser()
             if path.is_dir():
                 raise UserError(f"data: {path} is a directory; give .txt files or a glob such as '{path}/*.txt'")
-            if not path.is_file():
-                raise UserError(f"data: file not found: {path}")
-            paths.append(path)
+            paths.append(check_file(path, "data:", missing=f"data: file not found: {path}"))
     return list(dict.fromkeys(paths))
 
 
@@ -152,9 +150,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise UserError("give exactly one of --prompt TEXT and --prompt-file FILE")
     if prompt is not None:
         return prompt
-    path = Path(prompt_file).expanduser()
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
+    path = check_file(Path(prompt_file).expanduser(), "prompt file")
     if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # UTF-8 takes at most 4 bytes a character
         raise UserError(f"prompt file {path} has {path.stat().st_size:,} bytes; {TOO_LONG}")
     try:

@@ -9,7 +9,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from gpt import env
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenizer split pattern (tiktoken's r50k pattern).
@@ -38,8 +38,8 @@ def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
                 "--tokenizer-file or GPT_TIKTOKEN_FILE at a local gpt2.tiktoken ranks file"
             ) from None
     path = Path(ranks_file).expanduser()
-    if not path.is_file():
-        raise UserError(f"tokenizer file not found: {path} (set by --tokenizer-file or GPT_TIKTOKEN_FILE)")
+    missing = f"tokenizer file not found: {path} (set by --tokenizer-file or GPT_TIKTOKEN_FILE)"
+    check_file(path, "tokenizer file", missing)
     try:
         ranks = load_tiktoken_bpe(str(path))
     except Exception as exc:  # tiktoken raises plain ValueErrors/binascii errors on a bad file

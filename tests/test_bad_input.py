@@ -8,6 +8,7 @@ finished run (with a checkpoint) and a run without checkpoints.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import socket
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (inputs / "binary.dat").write_bytes(bytes(range(256)) * 4)
     (inputs / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 50)
     (inputs / "folder").mkdir()
+    os.mkfifo(inputs / "pipe.txt")  # what `--data <(zcat book.gz)` hands over: a pipe, readable once
 
     store = inputs / "store"
     uri = f"sqlite:///{store}/mlflow.db"
@@ -158,12 +160,15 @@ CASES = [
     case("yaml does not parse", "train", ["--config", "{inputs}/broken.yaml"], "not valid YAML"),
     case("yaml file missing", "train", ["--config", "{inputs}/none.yaml"], "config file not found"),
     case("yaml is a folder", "train", ["--config", "{inputs}/folder"], "is a directory"),
+    case("yaml is /dev/null", "train", ["--config", "/dev/null"], "config file /dev/null is not a regular file"),
     case("unknown section", "train", ["--config", "{inputs}/sections.yaml"], "unknown section 'optimizer'"),
     case("unknown key", "train", ["--config", "{inputs}/keys.yaml"], "unknown config key 'model.layers'"),
     case("wrong type in yaml", "train", ["--config", "{inputs}/types.yaml"], "model.n_layers: expected int"),
     # data files
     case("data file missing", "train", [*BASE, "--data", "{inputs}/none.txt"], "file not found"),
     case("data is a folder", "train", [*BASE, "--data", "{inputs}/folder"], "is a directory"),
+    case("data is /dev/null", "train", [*BASE, "--data", "/dev/null"], "data: /dev/null is not a regular file"),
+    case("data is a pipe", "train", [*BASE, "--data", "{inputs}/pipe.txt"], "pipe.txt is not a regular file"),
     case("data is binary", "train", [*BASE, "--data", "{inputs}/binary.dat"], "looks binary"),
     case("data is not utf-8", "train", [*BASE, "--data", "{inputs}/latin1.txt"], "is not UTF-8"),
     case("data file empty", "train", [*BASE, "--data", "{inputs}/empty.txt"], "is empty"),
@@ -208,6 +213,8 @@ CASES = [
     case("sqlite uri is a folder", "train", [*BASE, "--tracking-uri", "sqlite:///{inputs}/folder"], "is a folder"),
     case("sqlite uri not a db", "train", [*BASE, "--tracking-uri", "sqlite:///{inputs}/notes.txt"], "not a SQLite"),
     case("tokenizer file missing", "train", [*BASE, "--tokenizer-file", "{inputs}/none.tiktoken"], "not found"),
+    case("tokenizer file /dev/null", "train", [*BASE, "--tokenizer-file", "/dev/null"],
+         "tokenizer file /dev/null is not a regular file"),
     case("tokenizer file garbage", "train", [*BASE, "--tokenizer-file", "{inputs}/garbage.tiktoken"], "not a tiktoken"),
     case("tokenizer file empty", "train", [*BASE, "--tokenizer-file", "{inputs}/empty.txt"], "holds 0 ranks"),
     case("tokenizer file empty (generate)", "generate", [*SAMPLE, "--tokenizer-file", "{inputs}/empty.txt"],
@@ -251,6 +258,7 @@ CASES = [
     case("resume foreign torch file", "train", ["--resume", "{inputs}/foreign.pt"], "not a checkpoint of this tool"),
     case("resume text named .pt", "train", ["--resume", "{inputs}/notes.pt"], "truncated, corrupt"),
     case("resume a folder", "train", ["--resume", "{inputs}/folder"], "is a folder"),
+    case("resume /dev/null", "train", ["--resume", "/dev/null"], "--resume /dev/null is not a regular file"),
     case("resume missing file", "train", ["--resume", "{inputs}/none.pt"], "checkpoint not found"),
     case("resume shapes off config", "train", ["--resume", "{inputs}/wider.pt"],
          "does not fit the config: tok_emb.weight has shape"),
@@ -269,6 +277,8 @@ CASES = [
     case("stream several", "generate", [*SAMPLE, "--stream", "--num-samples", "2"], "--stream prints one sample"),
     case("best without a run", "generate", ["--prompt", "Hi"], "give --run RUN_ID"),
     case("checkpoint file missing", "generate", ["--checkpoint", "{inputs}/none.pt", "--prompt", "Hi"], "no file"),
+    case("checkpoint /dev/null", "generate", ["--checkpoint", "/dev/null", "--prompt", "Hi"],
+         "--checkpoint /dev/null is not a regular file"),
     case("checkpoint truncated", "generate", ["--checkpoint", "{inputs}/truncated.pt", "--prompt", "Hi"], "truncated"),
     case("checkpoint foreign", "generate", ["--checkpoint", "{inputs}/foreign.pt", "--prompt", "Hi"],
          "not a checkpoint"),
@@ -281,6 +291,8 @@ CASES = [
      "give exactly one of --prompt"),
     case("prompt file missing", "generate", ["--checkpoint", "{inputs}/good.pt", "--prompt-file", "{inputs}/none.txt"],
      "prompt file not found"),
+    case("prompt file /dev/null", "generate", ["--checkpoint", "{inputs}/good.pt", "--prompt-file", "/dev/null"],
+         "prompt file /dev/null is not a regular file"),
     case("empty prompt", "generate", ["--checkpoint", "{inputs}/good.pt", "--prompt", "  "], "the prompt is empty"),
     case("unknown device", "generate", [*SAMPLE, "--device", "tpu"],
      "Invalid value for '--device'"),

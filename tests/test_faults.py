@@ -510,16 +510,22 @@ def test_an_empty_token_cache_file_does_not_stop_a_run(store, monkeypatch, tmp_p
     assert all(entry.stat().st_size for entry in entries), "the empty entry should be rebuilt"
 
 
-def test_a_bad_environment_setting_fails_before_any_run_exists(store, monkeypatch) -> None:
-    monkeypatch.setenv("GPT_TRACKING_TIMEOUT", "soon")
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GPT_TRACKING_TIMEOUT", "soon", "GPT_TRACKING_TIMEOUT must be a number of seconds (0 or more), got 'soon'"),
+        ("GPT_TIKTOKEN_FILE", "/dev/null",
+         "GPT_TIKTOKEN_FILE: /dev/null is not a regular file (a device, pipe or socket); give a file"),
+    ],
+)  # fmt: skip
+def test_a_bad_environment_setting_fails_before_any_run_exists(store, monkeypatch, variable, value, message) -> None:
+    monkeypatch.setenv(variable, value)
     client = MlflowClient(uri_of(store))
     before = {r.info.run_id for e in client.search_experiments() for r in client.search_runs(e.experiment_id)}
 
     code, output = train(store, *FAST)
 
-    assert code == 2 and output.strip() == (
-        "error: GPT_TRACKING_TIMEOUT must be a number of seconds (0 or more), got 'soon'"
-    ), output
+    assert code == 2 and output.strip() == f"error: {message}", output
     assert {r.info.run_id for e in client.search_experiments() for r in client.search_runs(e.experiment_id)} == before
 
 

@@ -444,6 +444,8 @@ def test_mistakes_in_a_grid_file_raise_one_line_user_errors(tmp_path, content, m
 def test_a_missing_grid_file_names_the_path(tmp_path):
     with pytest.raises(UserError, match="grid file not found: .*absent.yaml"):
         load_grid(tmp_path / "absent.yaml")
+    with pytest.raises(UserError, match="grid file /dev/null is not a regular file"):
+        load_grid(Path("/dev/null"))
 
 
 @pytest.mark.parametrize(
@@ -455,6 +457,7 @@ def test_a_missing_grid_file_names_the_path(tmp_path):
         ({"seeds": "0,x"}, "'x' is not an integer seed"),
         ({"design": "oat"}, "--design: design must be one of"),
         ({"base": "missing.yaml"}, "base config not found: missing.yaml"),
+        ({"base": "/dev/null"}, "base config /dev/null is not a regular file (a device, pipe or socket)"),
         ({"vary": ["train.lr=0.001,.nan"]}, "--vary: train.lr: expected a finite number, got nan"),
         ({"vary": ["train.weight_decay=.inf"]}, "--vary: train.weight_decay: expected a finite number, got inf"),
         ({"sets": ["train.lr=-.inf"]}, "train.lr: expected a finite number"),

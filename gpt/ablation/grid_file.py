@@ -38,7 +38,7 @@ from gpt.config import (
     set_key,
     yaml_scalar,
 )
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 
 GRID_KEYS = ("name", "base", "config", "data", "vary", "seeds", "design", "set")
 
@@ -97,8 +97,7 @@ def load_grid(
 
 def _read_grid_file(source: Path) -> dict[str, Any]:
     """The grid file's mapping; UserError for a missing file, another YAML shape or an unknown key."""
-    if not source.is_file():
-        raise UserError(f"grid file not found: {source}")
+    check_file(source, "grid file")
     raw = read_yaml(source)
     if not isinstance(raw, dict):
         what = type(raw).__name__
@@ -147,8 +146,8 @@ def _find_base(value: Any, grid_file: Path | None) -> Path:
     if grid_file is not None and not base.is_absolute():
         candidates.insert(0, grid_file.parent / base)
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+        if candidate.exists():
+            return check_file(candidate, "base config")
     tried = " or ".join(str(c) for c in candidates)
     raise UserError(f"base config not found: {tried}")
 
