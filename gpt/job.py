@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from gpt import checkpoint, distributed
 from gpt.config import Config, dump_yaml, resumable_keys
 from gpt.data import Corpus, build_corpus, data_stats
-from gpt.device import autocast_dtype, check_fits, device_name, resolve_device
+from gpt.device import autocast_dtype, check_fits, device_name, loss_chunk_rows, resolve_device
 from gpt.distributed import Ranks
 from gpt.errors import UserError
 from gpt.estimate import describe_estimate, estimate
@@ -181,7 +181,8 @@ def stride_gap_line(stride: int, length: int, stats: DataStats) -> str:
 
 
 def run_params(prepared: Prepared) -> dict[str, Any]:
-    """The run's MLflow params: the flattened config (window and stride in tokens), sizes and data files."""
+    """The run's MLflow params: the flattened config (window and stride in tokens), sizes, the device's
+    settings as resolved (device, loss_chunk_rows, dtype) and data files."""
     cfg, s = prepared.cfg, prepared.stats
     params: dict[str, Any] = {**cfg.flat(), "data.max_length": cfg.window_length, "data.stride": cfg.window_stride}
     params["data.files"] = ",".join(cfg.data.files)
@@ -196,6 +197,7 @@ def run_params(prepared: Prepared) -> dict[str, Any]:
         steps_per_epoch=s.steps_per_epoch,
         train_uncovered_fraction=round(s.uncovered_fraction, 6),  # text no window holds (a stride over the window)
         device=str(prepared.device),
+        loss_chunk_rows=loss_chunk_rows(cfg.model, prepared.device),  # model.loss_chunk_rows's null (auto), resolved
         dtype=str(autocast_dtype(cfg.train, prepared.device) or torch.float32).replace("torch.", ""),
     )
     for i, info in enumerate(prepared.corpus.files):

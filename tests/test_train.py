@@ -44,6 +44,8 @@ def test_run_logs_whole_config_and_derived_params(finished_run: tuple[str, str, 
     assert params["data.stride"] == "16", "stride is logged resolved to tokens"
     for key in ("n_params", "tokens_per_epoch", "train_windows", "steps_per_epoch", "device", "dtype"):
         assert key in params, f"derived param {key} missing"
+    assert params["model.loss_chunk_rows"] == "None", "the config as given: null is auto"
+    assert params["loss_chunk_rows"] == "32", "auto on a CPU, resolved: max(32, emb_dim 16) rows"
     assert params["data.file0.sha256"] and params["data.file0.tokens"].isdigit()
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "L2-H2-E16-ctx16-s16"
