@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 from gpt import env
 from gpt.errors import UserError, check_file
@@ -40,10 +41,7 @@ def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
     path = Path(ranks_file).expanduser()
     missing = f"tokenizer file not found: {path} (set by --tokenizer-file or GPT_TIKTOKEN_FILE)"
     check_file(path, "tokenizer file", missing)
-    try:
-        ranks = load_tiktoken_bpe(str(path))
-    except Exception as exc:  # tiktoken raises plain ValueErrors/binascii errors on a bad file
-        raise UserError(f"tokenizer file {path} is not a tiktoken ranks file ({exc})") from None
+    ranks = read_ranks(path)
     if len(ranks) != GPT2_RANKS:  # an empty or cut file would make another (smaller) vocabulary
         raise UserError(f"tokenizer file {path} holds {len(ranks):,} ranks, not GPT-2's {GPT2_RANKS:,} (gpt2.tiktoken)")
     return tiktoken.Encoding(
@@ -53,6 +51,32 @@ def _encoding(ranks_file: str | None) -> tiktoken.Encoding:
         special_tokens={ENDOFTEXT: len(ranks)},
         explicit_n_vocab=len(ranks) + 1,
     )
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    """The byte-pair ranks of a tiktoken ranks file: a line `<base64 token> <rank>` per token.
+
+    The format is tiktoken's (tiktoken.load.load_tiktoken_bpe); it is read here because that loader keeps a
+    copy of every local file, keyed by its path, in /tmp/data-gym-cache and reads the copy from then on, so a
+    file fixed or replaced at the same path would still load as it was. Raises UserError naming the path and
+    the first line that is not a rank, or the reason the file cannot be read.
+    """
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise UserError(f"tokenizer file {path} cannot be read: {exc.strerror or exc}") from None
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise UserError(
+                f"tokenizer file {path} is not a tiktoken ranks file (line {number} is not '<base64 token> <rank>')"
+            ) from None
+    return ranks
 
 
 def encode(encoding: tiktoken.Encoding, text: str) -> list[int]:

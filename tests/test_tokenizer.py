@@ -70,3 +70,20 @@ def test_file_that_is_not_a_ranks_file_names_the_path(tmp_path):
     with pytest.raises(UserError) as info:
         tokenizer.get_encoding(str(bogus))
     assert str(bogus) in str(info.value)
+
+
+def test_a_ranks_file_fixed_at_the_same_path_is_read_anew_and_leaves_no_copy(tmp_path, monkeypatch):
+    """tiktoken's own loader keeps a copy of a local file by its path and reads that copy from then on."""
+    cache = tmp_path / "tiktoken-cache"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))  # where tiktoken's loader would keep its copy
+    ranks = tmp_path / "gpt2.tiktoken"
+    ranks.write_bytes(b"\x89binary \xff\nTWFu 0\n")
+    with pytest.raises(UserError) as info:
+        tokenizer.get_encoding(str(ranks))
+    assert str(info.value) == (
+        f"tokenizer file {ranks} is not a tiktoken ranks file (line 1 is not '<base64 token> <rank>')"
+    ), "one short line, not the file's bytes"
+    ranks.write_bytes(RANKS.read_bytes())  # fixed in place
+    assert tokenizer.encode(tokenizer.get_encoding(str(ranks)), "Hello world") == [15496, 995]
+    assert not cache.exists(), "no copy of the ranks file is kept"
+    assert tokenizer.read_ranks(RANKS) == tokenizer.read_ranks(ranks) and len(tokenizer.read_ranks(ranks)) == 50_256
