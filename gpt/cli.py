@@ -9,6 +9,7 @@ and a mistake in the options answer at once; the scripts import torch and MLflow
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -66,8 +67,8 @@ def _creatable_folder(ctx: click.Context, param: click.Parameter, value: str | N
     if value is not None:
         try:
             env.check_folder(Path(value), "--cache-dir")
-        except UserError as exc:
-            raise click.BadParameter(f"cannot create the folder {value}: {str(exc).rsplit(': ', 1)[-1]}") from None
+        except UserError as exc:  # click names the option already
+            raise click.BadParameter(str(exc).replace(" set by --cache-dir", "")) from None
     return value
 
 
@@ -150,6 +151,9 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # a bug or an environment failure: one line, and how to see more
             if debug:
                 raise
+            if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # only a name the user gave runs so long
+                click.echo(f"error: {exc.strerror}: {one_line(str(exc.filename), 1000)}", err=True)
+                sys.exit(UserError.exit_code)
             click.echo(
                 f"error: {type(exc).__name__}: {one_line(str(exc))} (run again with --debug for the traceback)",
                 err=True,

@@ -208,12 +208,21 @@ def from_dict(raw: Any, source: str = "config") -> Config:
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply `key=value` overrides, validate."""
-    cfg = Config()
-    if path is not None:
-        cfg = from_dict(read_yaml(path), source=str(path))
+    cfg = read_config_file(path) if path is not None else Config()
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def read_config_file(path: str | Path) -> Config:
+    """The Config of a YAML file (not yet validated); UserError for a missing, malformed or empty file (an empty
+    file would silently be the 162M reference model: a truncated or wrong file, far more often than a wish)."""
+    raw = read_yaml(path)
+    if raw is None:
+        raise UserError(
+            f"config file {path} is empty; give the settings that differ from the defaults, e.g. model: {{n_layers: 2}}"
+        )
+    return from_dict(raw, source=str(path))
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -8,9 +8,9 @@ Validation always uses non-overlapping windows (S = L) so every stride sees the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import tiktoken
 import torch
 
 from gpt.config import Config
-from gpt.errors import DiskFault, UserError, writing
+from gpt.errors import UserError, cache_write
 from gpt.sizes import DataStats, count_windows, window_stats
 from gpt.text import Document, load_documents
 from gpt.tokenizer import encode
@@ -95,17 +95,17 @@ def tokenize_cached(doc: Document, encoding: tiktoken.Encoding, cache_dir: Path)
         path.unlink(missing_ok=True)  # rebuilt below
     ids = np.asarray(encode(encoding, doc.text), dtype=np.uint16 if encoding.n_vocab <= 65536 else np.int32)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # parallel workers may race here
-    try:
-        with writing(path):
+    with cache_write("token cache", path):
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "wb") as handle:
                 np.save(handle, ids)
                 handle.flush()
                 os.fsync(handle.fileno())  # a power loss must not leave an empty file under the final name
             partial.replace(path)
-    except DiskFault as fault:
-        partial.unlink(missing_ok=True)
-        print(f"warning: the token cache is not kept ({fault}); training goes on", file=sys.stderr)
+        finally:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
     return ids
 
 

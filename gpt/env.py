@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from pathlib import Path
 
 from gpt.errors import UserError, check_file
@@ -85,13 +86,13 @@ def check() -> None:
     url = gutenberg_url()
     if "{id}" not in url:
         raise UserError(f"{GUTENBERG_URL} must contain {{id}} where the book number goes, got {url!r}")
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):  # urllib's "unknown url type"
+        raise UserError(f"{GUTENBERG_URL} must be an http://, https:// or file:// address, got {url!r}")
     ranks = tiktoken_file()
     if ranks is not None:
         missing = f"{TIKTOKEN_FILE} names no file: {ranks} (a gpt2.tiktoken ranks file)"
         check_file(Path(ranks).expanduser(), f"{TIKTOKEN_FILE}:", missing)
     folder = _get(CACHE_DIR)
-    if folder is not None and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
-        raise UserError(f"{CACHE_DIR} is not a folder: {folder}")
     if folder is not None:
         check_folder(Path(folder).expanduser(), CACHE_DIR)
 
@@ -100,10 +101,12 @@ def check_folder(path: Path, source: str) -> Path:
     """path, if it is a folder or can be created as one; UserError naming `source` (the option or variable
     that set it) otherwise (a parent that is a file, a read-only or virtual file system, no permission).
     Folders created to find out are removed again: bad input elsewhere must leave nothing behind."""
-    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
     try:
+        missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+        if path.exists() and not path.is_dir():  # mkdir would say only "File exists"
+            raise UserError(f"{path} set by {source} is not a folder")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    except OSError as exc:  # a file on the way, a read-only or virtual file system, a name too long
         raise UserError(f"cannot create the folder {path} set by {source}: {exc.strerror or exc}") from None
     for folder in missing:  # deepest first
         folder.rmdir()

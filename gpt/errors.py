@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +26,15 @@ def check_file(path: Path, role: str, missing: str | None = None) -> Path:
     nothing is there (default "<role> not found: <path>"). A folder, device, pipe or socket there is named
     as such: /dev/null read as a book or config is empty, and a pipe can be read once only.
     """
-    if path.is_file():
-        return path
-    if not path.exists():
+    try:
+        if path.is_file():
+            return path
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # a name too long for the file system, a symlink loop
+        raise UserError(f"{role} {path}: {exc.strerror or exc}") from None
+    if not exists:
         raise UserError(missing or f"{role} not found: {path}")
-    kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+    kind = "a folder" if is_dir else "not a regular file (a device, pipe or socket)"
     raise UserError(f"{role} {path} is {kind}; give a file")
 
 
@@ -73,6 +78,19 @@ def disk_fault(exc: BaseException | None, path: str | Path | None = None) -> Dis
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+@contextlib.contextmanager
+def cache_write(what: str, path: str | Path) -> Iterator[None]:
+    """A write to a cache that may fail: a full or read-only disk, or its folder taken by a file, prints one
+    warning line naming `what` and `path` and the work goes on without the cached copy (a cache is only a
+    cache; README "When things go wrong")."""
+    try:
+        yield
+    except OSError as exc:
+        fault = disk_fault(exc, path)
+        reason = str(fault) if fault else f"{exc.strerror or exc}: {exc.filename or path}"
+        print(f"warning: the {what} is not kept ({reason}); the work goes on", file=sys.stderr)
 
 
 @contextlib.contextmanager

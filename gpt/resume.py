@@ -75,7 +75,7 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
     Only resumable keys (gpt.config.resumable_keys) may be overridden; the data are the very files the run trained on.
     A run id without a checkpoint restarts from its recorded config (UserError when none is recorded here).
     """
-    by_id = RUN_ID.fullmatch(target) is not None and not Path(target).exists()
+    by_id = RUN_ID.fullmatch(target) is not None and not os.path.lexists(target)
     uri = resolve_tracking_uri(tracking_uri)
     if by_id:
         check_tracking_uri(uri)
@@ -87,9 +87,9 @@ def resume_options(target: str, tracking_uri: str | None, cache_dir: Path, overr
             return _restart(target, local, uri, overrides, missing)
     else:
         path = Path(target).expanduser()
-        if path.exists():
-            check_file(path, "--resume")  # a folder, device or pipe is named as such
-        elif path.suffix != ".pt":
+        if os.path.lexists(path) or path.suffix == ".pt":
+            check_file(path, "--resume", missing=f"checkpoint not found: {path}")  # a folder, device, pipe...
+        else:
             raise UserError(f"--resume {target!r} is neither a run id (32 hex digits) nor a checkpoint file")
     source = f"checkpoint {path}"
     payload = checkpoint.load(path)

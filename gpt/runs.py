@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt import env
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 from gpt.store import default_store_note, local_artifact_dir, resolve_tracking_uri, sqlite_folder, sqlite_path
 
 CHECKPOINTS = "checkpoints"  # where a training run logs best.pt and last.pt
@@ -137,8 +137,8 @@ def find_checkpoint(
         local = artifact_folder(run, client.tracking_uri)
         listed = _listed(client, run_id, local, posixpath.dirname(artifact) or None) if in_run else set()
         if artifact not in listed:
-            if which not in ("best", "last") and Path(which).is_file():
-                return Path(which)
+            if which not in ("best", "last") and os.path.lexists(which):  # a local file (a folder, device... is named)
+                return check_file(Path(which), "--checkpoint")
             saved = sorted(f for f in _listed(client, run_id, local, CHECKPOINTS) if f.endswith(".pt"))
             if not saved:
                 nothing = f"run {run_id} has no checkpoint: nothing under {CHECKPOINTS}/ (did an epoch finish?)"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt import env
-from gpt.errors import UserError, check_file
+from gpt.errors import UserError, cache_write, check_file
 
 MAX_PROMPT_CHARS = 1_000_000  # the model sees only the last context_length tokens; more is a mistake
 TOO_LONG = (
@@ -59,6 +59,8 @@ def expand_sources(sources: list[str], cache_dir: Path) -> list[Path]:
         raise UserError("no data given: pass --data FILE (a .txt file, a glob or gutenberg:<id>)")
     paths: list[Path] = []
     for source in sources:
+        if not source.strip():
+            raise UserError("data: an empty path; give a .txt file, a glob or gutenberg:<id>")
         if source.startswith("gutenberg:"):
             paths.append(download_gutenberg(source.split(":", 1)[1], cache_dir))
         elif glob.has_magic(source):
@@ -69,9 +71,10 @@ def expand_sources(sources: list[str], cache_dir: Path) -> list[Path]:
             paths.extend(files)
         else:
             path = Path(source).expanduser()
-            if path.is_dir():
+            if os.path.isdir(path):  # False, not an error, for a name too long: check_file says that
                 raise UserError(f"data: {path} is a directory; give .txt files or a glob such as '{path}/*.txt'")
-            paths.append(check_file(path, "data:", missing=f"data: file not found: {path}"))
+            where = "" if path.is_absolute() else f" (in the working folder {Path.cwd()})"
+            paths.append(check_file(path, "data:", missing=f"data: file not found: {path}{where}"))
     return list(dict.fromkeys(paths))
 
 
@@ -81,14 +84,19 @@ def read_text(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"data: cannot read {path}: {exc.strerror}") from None
+    return text_of(raw, str(path))
+
+
+def text_of(raw: bytes, name: str) -> str:
+    """raw as text (UTF-8, BOM dropped); UserError naming `name` for binary, non-UTF-8 or empty bytes."""
     if b"\x00" in raw:
-        raise UserError(f"data: {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+        raise UserError(f"data: {name} looks binary (it contains NUL bytes); give a UTF-8 text file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UserError(f"data: {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+        raise UserError(f"data: {name} is not UTF-8 text (bad byte at offset {exc.start})") from None
     if not text.strip():
-        raise UserError(f"data: {path} is empty")
+        raise UserError(f"data: {name} is empty")
     return text
 
 
@@ -110,11 +118,12 @@ def load_documents(sources: list[str], clean: bool, strip_header: bool, cache_di
 
 def save_cleaned(documents: list[Document], directory: Path) -> None:
     """Keep the cleaned text for inspection; the input's directory may be read-only, so use the cache."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for doc in documents:
-        target = directory / f"cleaned_{doc.name}.txt"
-        if not target.exists() or target.read_text(encoding="utf-8") != doc.text:
-            target.write_text(doc.text, encoding="utf-8")
+    with cache_write("cleaned text", directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        for doc in documents:
+            target = directory / f"cleaned_{doc.name}.txt"
+            if not target.exists() or target.read_text(encoding="utf-8") != doc.text:
+                target.write_text(doc.text, encoding="utf-8")
 
 
 def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
@@ -131,16 +140,20 @@ def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             body = response.read()
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:  # ValueError: a malformed address
         reason = getattr(exc, "reason", exc)
         raise UserError(
             f"data: could not download gutenberg:{book_id} from {url} ({reason}); offline, give the book as a "
             f"file (--data book.txt) or point {env.GUTENBERG_URL} at a mirror, with {{id}} for the number"
         ) from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-    partial.write_bytes(body)
-    partial.replace(target)  # atomic: an interrupted download never looks complete
+    try:  # a page that is no book (an error page, a binary) is not kept: a later try downloads again
+        text_of(body, f"the download of gutenberg:{book_id} from {url}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+        partial.write_bytes(body)
+        partial.replace(target)  # atomic: an interrupted download never looks complete
+    except OSError as exc:
+        raise UserError(f"data: cannot keep gutenberg:{book_id} in {target.parent}: {exc.strerror or exc}") from None
     return target
 
 

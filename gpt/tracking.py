@@ -512,8 +512,9 @@ def write_run_record(local_dir: Path, record: dict[str, Any]) -> None:
 def run_meta(local_dir: Path) -> tuple[str, str | None, dict[str, Any]]:
     """(run id, tracking URI or None, the whole record) of a run's local folder (its run.json)."""
     meta_file = local_dir / "run.json"
-    if not local_dir.is_dir():
-        raise UserError(f"--replay {local_dir}: no such folder (give the folder a failed run named)")
+    if not os.path.isdir(local_dir):  # False, not an error, for a name too long
+        what = "is not a folder" if os.path.lexists(local_dir) else "no such folder"
+        raise UserError(f"--replay {local_dir}: {what} (give the folder a failed run named)")
     if not meta_file.is_file():
         raise UserError(f"{local_dir} holds no run spool (run.json is missing)")
     try:

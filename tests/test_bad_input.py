@@ -36,6 +36,7 @@ generate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(generate)
 
 UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
+LONG = "a" * 300  # a file name longer than any file system takes (ENAMETOOLONG)
 TINY_YAML = str(ROOT / "configs" / "tiny.yaml")
 
 
@@ -113,6 +114,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     good = (inputs / "good.pt").read_bytes()
     (inputs / "truncated.pt").write_bytes(good[: len(good) // 2])
     torch.save({"weights": torch.zeros(3)}, inputs / "foreign.pt")
+    torch.save({"model": World}, inputs / "pickled.pt")  # a class: what only an unsafe (full pickle) load reads
     wider = tiny_config(emb_dim=32).to_dict()
     checkpoint.save(inputs / "wider.pt", training_checkpoint(**resumable, config=wider))
     anonymous = training_checkpoint(**resumable)
@@ -161,6 +163,8 @@ CASES = [
     case("yaml file missing", "train", ["--config", "{inputs}/none.yaml"], "config file not found"),
     case("yaml is a folder", "train", ["--config", "{inputs}/folder"], "is a directory"),
     case("yaml is /dev/null", "train", ["--config", "/dev/null"], "config file /dev/null is not a regular file"),
+    case("yaml is empty", "train", ["--config", "{inputs}/empty.txt"], "is empty; give the settings that differ"),
+    case("yaml name too long", "train", ["--config", f"{{inputs}}/{LONG}.yaml"], "yaml: File name too long"),
     case("unknown section", "train", ["--config", "{inputs}/sections.yaml"], "unknown section 'optimizer'"),
     case("unknown key", "train", ["--config", "{inputs}/keys.yaml"], "unknown config key 'model.layers'"),
     case("wrong type in yaml", "train", ["--config", "{inputs}/types.yaml"], "model.n_layers: expected int"),
@@ -169,6 +173,8 @@ CASES = [
     case("data is a folder", "train", [*BASE, "--data", "{inputs}/folder"], "is a directory"),
     case("data is /dev/null", "train", [*BASE, "--data", "/dev/null"], "data: /dev/null is not a regular file"),
     case("data is a pipe", "train", [*BASE, "--data", "{inputs}/pipe.txt"], "pipe.txt is not a regular file"),
+    case("data name too long", "train", [*BASE, "--data", f"{{inputs}}/{LONG}"], f"{LONG}: File name too long"),
+    case("data an empty path", "train", [*BASE, "--data", ""], "data: an empty path; give a .txt file"),
     case("data is binary", "train", [*BASE, "--data", "{inputs}/binary.dat"], "looks binary"),
     case("data is not utf-8", "train", [*BASE, "--data", "{inputs}/latin1.txt"], "is not UTF-8"),
     case("data file empty", "train", [*BASE, "--data", "{inputs}/empty.txt"], "is empty"),
@@ -226,6 +232,8 @@ CASES = [
     case("seed too large in --set", "train", [*BASE, "--set", "train.seed=99999999999999999999"], "train.seed"),
     case("seed too large (generate)", "generate", [*SAMPLE, "--seed", "99999999999999999999"], "--seed"),
     case("cache dir is a file", "train", [*BASE, "--cache-dir", "{inputs}/notes.txt"], "is a file"),
+    case("cache dir /dev/null", "train", [*BASE, "--cache-dir", "/dev/null"], "/dev/null is not a folder"),
+    case("cache dir name too long", "train", [*BASE, "--cache-dir", f"{{inputs}}/{LONG}"], "File name too long"),
     # run ids
     case("resume unknown run", "train", ["--resume", UNKNOWN_RUN, "--tracking-uri", "{uri}"], "unknown run id"),
     case("resume neither id nor file", "train", ["--resume", "last-week"], "neither a run id"),
@@ -240,6 +248,8 @@ CASES = [
          ["--resume", "{finished}", "--tracking-uri", "{uri}", "--epochs", "1"],
          "already trained 2 epochs (its plan: 1)"),
     case("replay a missing folder", "train", ["--replay", "{inputs}/none"], "no such folder"),
+    case("replay /dev/null", "train", ["--replay", "/dev/null"], "--replay /dev/null: is not a folder"),
+    case("replay a name too long", "train", ["--replay", f"{{inputs}}/{LONG}"], "no such folder"),
     case("replay a folder without spool", "train", ["--replay", "{inputs}/folder"], "run.json is missing"),
     case("replay with a config", "train", ["--replay", "{inputs}/folder", "--config", TINY_YAML], "drop --config"),
     case("replay to a missing store", "train", ["--replay", "{inputs}/orphan-spool"],
@@ -259,6 +269,7 @@ CASES = [
     case("resume text named .pt", "train", ["--resume", "{inputs}/notes.pt"], "truncated, corrupt"),
     case("resume a folder", "train", ["--resume", "{inputs}/folder"], "is a folder"),
     case("resume /dev/null", "train", ["--resume", "/dev/null"], "--resume /dev/null is not a regular file"),
+    case("resume name too long", "train", ["--resume", f"{{inputs}}/{LONG}.pt"], ".pt: File name too long"),
     case("resume missing file", "train", ["--resume", "{inputs}/none.pt"], "checkpoint not found"),
     case("resume shapes off config", "train", ["--resume", "{inputs}/wider.pt"],
          "does not fit the config: tok_emb.weight has shape"),
@@ -282,6 +293,11 @@ CASES = [
     case("checkpoint truncated", "generate", ["--checkpoint", "{inputs}/truncated.pt", "--prompt", "Hi"], "truncated"),
     case("checkpoint foreign", "generate", ["--checkpoint", "{inputs}/foreign.pt", "--prompt", "Hi"],
          "not a checkpoint"),
+    case("checkpoint pickles a class", "generate", ["--checkpoint", "{inputs}/pickled.pt", "--prompt", "Hi"],
+         "pickled.pt is truncated, corrupt or not from this tool (it holds objects other than tensors and plain"),
+    case("run and checkpoint /dev/null", "generate",
+         ["--run", "{finished}", "--checkpoint", "/dev/null", "--prompt", "Hi", "--tracking-uri", "{uri}"],
+         "--checkpoint /dev/null is not a regular file"),
     case("checkpoint shapes off", "generate", ["--checkpoint", "{inputs}/wider.pt", "--prompt", "Hi"], "does not fit"),
     case("unknown run", "generate", ["--run", UNKNOWN_RUN, "--prompt", "Hi", "--tracking-uri", "{uri}"],
          "unknown run id"),

@@ -58,8 +58,12 @@ def test_no_file_gives_the_validated_defaults():
     assert config.load(None) == Config()
 
 
-def test_empty_yaml_file_gives_defaults(tmp_path):
-    assert config.load(write(tmp_path, "")) == Config()
+@pytest.mark.parametrize("text", ["", "# all commented out\n# model: {n_layers: 2}\n"])
+def test_an_empty_yaml_file_is_bad_input_not_the_reference_model(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        config.load(path)
+    assert str(info.value).startswith(f"config file {path} is empty; give the settings that differ")
 
 
 def test_flat_keys_are_dotted_section_keys():

@@ -495,6 +495,17 @@ def test_a_token_cache_that_cannot_be_written_is_skipped(tmp_path: Path, monkeyp
     assert "warning: the token cache is not kept (disk full: no space left on the device at" in capsys.readouterr().err
 
 
+def test_a_token_cache_folder_taken_by_a_file_is_skipped(tmp_path: Path, capsys) -> None:
+    encoding = get_encoding(str(RANKS))
+    doc = Document(name="story", path=tmp_path / "story.txt", text="A cache folder that is a file. " * 20)
+    (tmp_path / "tokens").write_text("a file where the folder goes")
+
+    ids = data.tokenize_cached(doc, encoding, tmp_path)
+
+    assert ids.tolist() == encoding.encode(doc.text)
+    assert f"warning: the token cache is not kept (File exists: {tmp_path / 'tokens'})" in capsys.readouterr().err
+
+
 def test_an_empty_token_cache_file_does_not_stop_a_run(store, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path))
     code, output = train(store, *FAST, "--dry-run")
@@ -516,6 +527,9 @@ def test_an_empty_token_cache_file_does_not_stop_a_run(store, monkeypatch, tmp_p
         ("GPT_TRACKING_TIMEOUT", "soon", "GPT_TRACKING_TIMEOUT must be a number of seconds (0 or more), got 'soon'"),
         ("GPT_TIKTOKEN_FILE", "/dev/null",
          "GPT_TIKTOKEN_FILE: /dev/null is not a regular file (a device, pipe or socket); give a file"),
+        ("GPT_CACHE_DIR", "/dev/null", "/dev/null set by GPT_CACHE_DIR is not a folder"),
+        ("GPT_GUTENBERG_URL", "/mirror/pg{id}.txt",
+         "GPT_GUTENBERG_URL must be an http://, https:// or file:// address, got '/mirror/pg{id}.txt'"),
     ],
 )  # fmt: skip
 def test_a_bad_environment_setting_fails_before_any_run_exists(store, monkeypatch, variable, value, message) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, needs_alice, story
+from conftest import ALICE, VERDICT, needs_alice, story
 
 from gpt import text
 from gpt.errors import UserError
@@ -267,3 +267,34 @@ def test_gutenberg_unreachable_server_is_a_user_error(tmp_path, monkeypatch):
     message = user_error(["gutenberg:11"], tmp_path)
     assert "gutenberg:11" in message
     assert "GPT_GUTENBERG_URL" in message and "--data book.txt" in message, "the offline fix is named"
+
+
+def test_a_gutenberg_download_that_is_no_text_is_not_kept_and_a_fixed_mirror_is_then_used(tmp_path, monkeypatch):
+    pages = tmp_path / "mirror"
+    pages.mkdir()
+    (pages / "pg11.txt").write_bytes(bytes(range(256)))  # a binary page where the book should be
+    monkeypatch.setenv("GPT_GUTENBERG_URL", f"{pages.as_uri()}/pg{{id}}.txt")
+    cache = tmp_path / "cache"
+    message = user_error(["gutenberg:11"], cache)
+    assert message.startswith("data: the download of gutenberg:11 from file://") and "looks binary" in message
+    assert not list(cache.rglob("pg11*")), "a download that is no book must not be kept"
+    (pages / "pg11.txt").write_bytes(BOOK)  # the mirror fixed: the next try downloads again
+    (doc,) = load(["gutenberg:11"], cache)
+    assert doc.path.read_bytes() == BOOK
+
+
+def test_caches_taken_by_files_are_skipped_with_a_warning(tmp_path, capsys):
+    """A cache is only a cache: its cleaned/ or tokens/ folder taken by a file costs a warning, not the run."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cleaned").write_text("a file where the folder goes")
+    (doc,) = load([VERDICT], cache)
+    assert doc.text and "warning: the cleaned text is not kept" in capsys.readouterr().err
+
+
+def test_a_gutenberg_book_whose_cache_folder_is_a_file_is_a_user_error(tmp_path, mirror):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "gutenberg").write_text("a file where the folder goes")
+    message = user_error(["gutenberg:11"], cache)
+    assert message.startswith(f"data: cannot keep gutenberg:11 in {cache / 'gutenberg'}: ")

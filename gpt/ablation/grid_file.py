@@ -31,8 +31,8 @@ from gpt.config import (
     SECTIONS,
     Config,
     apply_overrides,
-    from_dict,
     get_key,
+    read_config_file,
     read_yaml,
     resolve_stride,
     set_key,
@@ -116,7 +116,7 @@ def _base_config(
     base_path = _find_base(base, None) if base is not None else None
     if base_path is None and raw.get("base") is not None:
         base_path = _find_base(raw["base"], source)
-    cfg = from_dict(read_yaml(base_path), source=str(base_path)) if base_path else Config()
+    cfg = read_config_file(base_path) if base_path else Config()
     try:
         _apply_inline(cfg, raw.get("config"))
     except UserError as exc:
