@@ -13,29 +13,35 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from gpt import env
-from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, Cell, expand, format_plan, plan_rows
-from gpt.ablation.grid_file import load_grid
+from gpt.ablation.grid import CORPUS_KEYS, DESIGNS, Cell, GridSpec, expand, format_plan, plan_rows
+from gpt.ablation.grid_file import input_files, load_grid
 from gpt.cli import (
     CONTEXT,
     FiniteFloat,
     Group,
     UserPath,
     cache_dir_option,
+    creatable_folder,
     friendly_errors,
     tokenizer_file_option,
     tracking_uri_option,
 )
-from gpt.errors import UserError
+from gpt.errors import UserError, writing
 from gpt.logged_model import check_registered_name
 
 TARGET_LOSS = FiniteFloat(min=0, min_open=True)  # nats: a cross-entropy above 0
 target_loss_option = click.option(
     "--target-loss", type=TARGET_LOSS, help="Loss for tokens/time-to-target (default: worst run's best)."
+)
+# checked as the options are read: a bad folder must fail before a grid trains, not when its report is written
+out_dir_option = click.option(
+    "--out-dir", type=UserPath(file_okay=False), callback=creatable_folder, help="Where the report files go."
 )
 
 
@@ -58,9 +64,18 @@ def grid_options(command):
     return command
 
 
-def build_cells(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir):
-    """Load the grid, build its corpus once, and expand it into runnable and skipped cells."""
+def build_cells(
+    grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir,
+    check_spec: Callable[[GridSpec], None] | None = None,
+):  # fmt: skip
+    """Load the grid, build its corpus once, and expand it into runnable and skipped cells.
+
+    check_spec: checks of the caller's own that need the grid (its name, its files), run before the
+    corpus is built (minutes for a large one); it raises UserError.
+    """
     spec = load_grid(grid_file, base=base, data=data, vary=vary, seeds=seeds, sets=sets, design=design, name=name)
+    if check_spec is not None:
+        check_spec(spec)
     from gpt.data import build_corpus  # the heavy imports come once the grid is known to be sound
     from gpt.tokenizer import get_encoding
 
@@ -130,7 +145,7 @@ def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, s
 @click.option("--per-gpu", type=click.IntRange(1, 64), default=1, show_default=True, help="Cells per GPU at once.")
 @click.option("--shard", default="0/1", show_default=True, help="Run share i of n of the cells (for many machines).")
 @target_loss_option
-@click.option("--out-dir", type=UserPath(file_okay=False), help="Where the report files go.")
+@out_dir_option
 @click.option("--no-log-model", is_flag=True, help="Cells log no MLflow Model (checkpoints only).")
 @click.option("--register-model", metavar="NAME", help="Register the best cell's best-seed model as a version of NAME.")
 @friendly_errors
@@ -179,9 +194,10 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         )
         click.echo(f"parent_run_id: {outcome.parent_run_id}")
         raise SystemExit(128 + outcome.stopped)
+    report_error: Exception | None = None
     if outcome.complete:
         try:
-            report(outcome.parent_run_id, uri, target_loss, out_dir)
+            report_error = report_or_say_how(outcome.parent_run_id, uri, target_loss, out_dir)
             if register_model:
                 register_best_model(outcome.parent_run_id, uri, register_model, tokenizer_file)
         finally:
@@ -197,7 +213,28 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
         for failed in outcome.failed:
             click.echo(f"  {failed.cell.name}: {failed.message}")
     click.echo(f"parent_run_id: {outcome.parent_run_id}")
+    if report_error is not None:  # its one-line error and exit code, once everything else is said
+        raise report_error
     raise SystemExit(1 if outcome.failed else 0)
+
+
+def report_or_say_how(parent_run_id: str, uri: str, target_loss: float | None, out_dir: str | None) -> Exception | None:
+    """report() at the end of `run`; if it fails (a full disk, a folder gone since the start), the error, after
+    saying how to make the report again: the runs are safe in MLflow, and the grid must still end its parent
+    run, register its model and list its failed cells."""
+    try:
+        report(parent_run_id, uri, target_loss, out_dir)
+    except Exception as exc:
+        again = ["ablate.py", "compare", parent_run_id, "--tracking-uri", uri]
+        again += [part for flag, value in [("--target-loss", target_loss), ("--out-dir", out_dir)]
+                  if value is not None for part in (flag, str(value))]  # fmt: skip
+        click.echo(
+            f"the report was not written; every run of the grid is in MLflow: once the cause is fixed, make the "
+            f"report with: {shlex.join(again)}",
+            err=True,
+        )
+        return exc
+    return None
 
 
 @main.command(context_settings=CONTEXT)
@@ -216,9 +253,20 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
 @click.option("--mem", help="Memory per task, e.g. 32G.")
 @click.option("--sbatch", "extra", multiple=True, metavar="OPTION", help="Another #SBATCH option; repeatable.")
 @click.option(
-    "--log-dir", type=UserPath(file_okay=False), default="slurm-logs", show_default=True, help="Where each task writes."
+    "--log-dir",
+    type=UserPath(file_okay=False),
+    callback=creatable_folder,
+    default="slurm-logs",
+    show_default=True,
+    help="Where each task writes.",
 )
-@click.option("--python", "python", default=sys.executable, show_default="this Python", help="Python on the nodes.")
+@click.option(
+    "--python",
+    type=UserPath(dir_okay=False),  # ~ expanded here: the script's exec line quotes it, so no shell would
+    default=sys.executable,
+    show_default="this Python",
+    help="Python on the nodes.",
+)
 @click.option("--target-loss", type=TARGET_LOSS, help="Passed on to the report of the last task.")
 @click.option("--no-log-model", is_flag=True, help="Passed on: cells log no MLflow Model (checkpoints only).")
 @click.option("--register-model", metavar="NAME", help="Passed on: the last task registers the grid's best model.")
@@ -229,11 +277,26 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
           log_dir, python, target_loss, no_log_model, register_model, output) -> None:  # fmt: skip
     """Write a Slurm job-array script that trains the grid's cells, one array task per cell."""
     check_registered_name(register_model)
-    from gpt.ablation.slurm import SlurmOptions, check, job_name, job_script
+    from gpt.ablation.slurm import SlurmOptions, check, check_script_file, job_name, job_script
     from gpt.store import resolve_tracking_uri, sqlite_path
 
+    uri = resolve_tracking_uri(tracking_uri)
+    store = sqlite_path(uri)
+    ablate = Path(__file__).resolve()
+    path = Path(output) if output else None
+
+    def check_output(spec: GridSpec) -> None:
+        """-o (or the default <grid name>.sbatch): a file we may write, and none of the files the job reads."""
+        nonlocal path
+        path = env.check_output_file(path or Path(f"{job_name(spec.name)}.sbatch"), "-o/--output")
+        reads = {Path(python): "the Python the tasks run", ablate: "the ablate.py the tasks run", **input_files(spec)}
+        for file, role in [(tokenizer_file or env.tiktoken_file(), "the tokenizer file"), (store, "the MLflow store")]:
+            if file is not None:
+                reads[Path(file)] = role
+        check_script_file(path, reads)
+
     spec, cells, skipped, _, _, tokenizer_file = build_cells(
-        grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
+        grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir, check_output
     )
     if not cells:
         raise UserError(f"grid {spec.name} has no runnable cell ({len(skipped)} skipped as invalid)")
@@ -259,8 +322,6 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
         python=python,
     )
     check(options, len(cells))
-    uri = resolve_tracking_uri(tracking_uri)
-    store = sqlite_path(uri)
     if store is not None:
         uri = f"sqlite:///{store}"  # the same file from every node
         click.echo(
@@ -268,11 +329,15 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
             "system and suits a few tasks; for more, run a tracking server (docs/team-server.md)",
             err=True,
         )
-    script = job_script(spec.name, len(cells), args, {"MLFLOW_TRACKING_URI": uri}, Path(__file__).resolve(), options)
-    path = Path(output or f"{job_name(spec.name)}.sbatch")  # a default name like 'n_layers x stride' has spaces
-    path.write_text(script)
-    path.chmod(0o755)
-    (options.workdir / log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it: logs would be lost
+    script = job_script(spec.name, len(cells), args, {"MLFLOW_TRACKING_URI": uri}, ablate, options)
+    assert path is not None  # set by check_output
+    logs = options.workdir / log_dir
+    with writing(logs):  # first: a script that exists is one that can run
+        logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create it: the logs would be lost
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        path.chmod(0o755)
     for cell in skipped:
         click.echo(f"skipped {cell.name}: {cell.reason}")
     click.echo(f"wrote {path}: {len(cells)} cells over {options.tasks} array tasks, reporting to {uri}")
@@ -283,7 +348,7 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
 @click.argument("parent_run_id")
 @tracking_uri_option
 @target_loss_option
-@click.option("--out-dir", type=UserPath(file_okay=False), help="Where the report files go.")
+@out_dir_option
 @friendly_errors
 def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
     """Compare the cells of a grid from MLflow: table, curves, main effects, fits (logged to the parent)."""

@@ -62,20 +62,24 @@ tokenizer_file_option = click.option(
     type=UserPath(dir_okay=False),
     help="Local GPT-2 ranks file, for use offline (default $GPT_TIKTOKEN_FILE, else download once).",
 )
-def _creatable_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A --cache-dir that exists or can be created (gpt.env.check_folder), else a usage error."""
+
+
+def creatable_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: a folder option (--cache-dir, --out-dir, --log-dir) that names a folder we can write in
+    or can create (gpt.env.check_folder), else a usage error, so that it fails before any work starts."""
     if value is not None:
+        name = max(param.opts, key=len)  # the long name, as check_folder names its source
         try:
-            env.check_folder(Path(value), "--cache-dir")
-        except UserError as exc:  # click names the option already
-            raise click.BadParameter(str(exc).replace(" set by --cache-dir", "")) from None
+            env.check_folder(Path(value), name)
+        except UserError as exc:  # Click names the option already
+            raise click.BadParameter(str(exc).replace(f" set by {name}", "", 1)) from None
     return value
 
 
 cache_dir_option = click.option(
     "--cache-dir",
     type=UserPath(file_okay=False),
-    callback=_creatable_folder,
+    callback=creatable_folder,
     help="Downloads, cleaned texts and token caches (default $GPT_CACHE_DIR, else ~/.cache/gpt-mlflow).",
 )
 device_option = click.option(

@@ -13,12 +13,13 @@ hours of training. This module imports nothing heavy: the scripts call it before
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import urllib.parse
 from pathlib import Path
 
-from gpt.errors import UserError, check_file
+from gpt.errors import UserError, check_file, what_is
 
 TRACKING_URI = "MLFLOW_TRACKING_URI"
 TIKTOKEN_FILE = "GPT_TIKTOKEN_FILE"
@@ -98,18 +99,58 @@ def check() -> None:
 
 
 def check_folder(path: Path, source: str) -> Path:
-    """path, if it is a folder or can be created as one; UserError naming `source` (the option or variable
-    that set it) otherwise (a parent that is a file, a read-only or virtual file system, no permission).
+    """path, if it is a folder we can write in or can be created as one; UserError naming `source` (the option
+    or variable that set it) otherwise: a file, device, pipe or broken symbolic link at the path or above it,
+    a read-only or virtual file system (/proc), no permission.
     Folders created to find out are removed again: bad input elsewhere must leave nothing behind."""
+    # mkdir's own errors say 'File exists' for /dev/null and 'Not a directory' for file.txt/sub: name the obstacle
     try:
+        blocker = next((folder for folder in (path, *path.parents) if folder.exists() or folder.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(
+                f"cannot create the folder {path} set by {source}: {'it' if blocker == path else blocker} is "
+                f"{what_is(blocker)}; give a folder that exists or can be created"
+            )
         missing = [folder for folder in (path, *path.parents) if not folder.exists()]
-        if path.exists() and not path.is_dir():  # mkdir would say only "File exists"
-            raise UserError(f"{path} set by {source} is not a folder")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file on the way, a read-only or virtual file system, a name too long
-        raise UserError(f"cannot create the folder {path} set by {source}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a read-only or virtual file system, a name too long
+        raise UserError(
+            f"cannot create the folder {path} set by {source}: {_refusal(exc, 'folders')}; "
+            "give a folder that exists or can be created"
+        ) from None
+    writable = os.access(path, os.W_OK | os.X_OK)  # asked before the folders made to find out are gone
     for folder in missing:  # deepest first
         folder.rmdir()
+    if not writable:
+        raise UserError(f"cannot write in the folder {path} set by {source}: no permission; give a folder of yours")
+    return path
+
+
+def _refusal(exc: OSError, what: str) -> str:
+    """Why creating `what` ("files", "folders") failed. ENOENT once the folder above exists (made with
+    parents=True, or checked) means a virtual file system such as /proc: 'No such file or directory' would mislead."""
+    return f"the file system there takes no new {what}" if exc.errno == errno.ENOENT else exc.strerror or str(exc)
+
+
+def check_output_file(path: Path, source: str) -> Path:
+    """path, if a file can be written there: a regular file (to be replaced) or nothing yet, in a folder that
+    exists or can be created (check_folder). UserError naming `source` otherwise: writing to a device or pipe
+    would throw the text away or hang, a broken symbolic link would create a file elsewhere, and a folder
+    may refuse new files (/proc). A file created to find out is removed again."""
+    if (path.is_symlink() and not path.exists()) or (path.exists() and not path.is_file()):
+        raise UserError(f"{source} {path} is {what_is(path)}; give a regular file or a new file's path")
+    check_folder(path.parent, source)
+    if path.parent.is_dir() and not path.exists():  # a folder can hold no new file: /proc, a full quota...
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except OSError as exc:
+            raise UserError(
+                f"cannot create the file {path} set by {source}: {_refusal(exc, 'files')}; give a path in a "
+                "folder that takes new files"
+            ) from None
+        path.unlink()
+    elif path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"cannot write the file {path} set by {source}: no permission; give a file of yours")
     return path
 
 

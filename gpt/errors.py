@@ -34,8 +34,20 @@ def check_file(path: Path, role: str, missing: str | None = None) -> Path:
         raise UserError(f"{role} {path}: {exc.strerror or exc}") from None
     if not exists:
         raise UserError(missing or f"{role} not found: {path}")
-    kind = "a folder" if is_dir else "not a regular file (a device, pipe or socket)"
+    kind = "a folder" if is_dir else f"not a regular file ({what_is(path)})"
     raise UserError(f"{role} {path} is {kind}; give a file")
+
+
+def what_is(path: Path) -> str:
+    """What is at `path`, for messages: 'a folder', 'a file', 'a device, pipe or socket', 'a broken symbolic
+    link' or 'nothing'. Symbolic links are followed, as opening or creating the path would follow them."""
+    if path.is_dir():
+        return "a folder"
+    if path.is_file():
+        return "a file"
+    if path.exists():
+        return "a device, pipe or socket"
+    return "a broken symbolic link" if path.is_symlink() else "nothing"
 
 
 class DiskFault(UserError):

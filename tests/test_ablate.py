@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +15,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import ablate
+from gpt.ablation import report as report_module
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_ppl", "tokens_seen", "epoch_seconds", "wall_seconds")
 GRID = [
@@ -224,3 +228,61 @@ def test_target_loss_must_be_a_finite_positive_number(tmp_path: Path, monkeypatc
 def test_usage_errors_of_the_group_are_one_line() -> None:
     code, output = invoke("plot")
     assert code == 2 and output.strip() == "error: No such command 'plot'. (see --help)"
+
+
+def bad_places(folder: Path) -> dict[str, str]:
+    """Where no folder or file can be made -> the words its error must have; made in `folder`."""
+    os.mkfifo(folder / "fifo")
+    (folder / "broken").symlink_to(folder / "nowhere" / "x")
+    (folder / "file.txt").write_text("a file")
+    return {
+        "/dev/null": "it is a device, pipe or socket",
+        str(folder / "fifo"): "it is a device, pipe or socket",
+        str(folder / "broken"): "it is a broken symbolic link",
+        str(folder / "file.txt" / "sub"): f"{folder / 'file.txt'} is a file",
+        "/proc/rep": "the file system there takes no new folders",
+    }
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+@pytest.mark.parametrize("place", ["/dev/null", "fifo", "broken", "file.txt/sub", "/proc/rep"])
+def test_a_bad_out_dir_fails_before_anything_runs(tmp_path: Path, monkeypatch, command: str, place: str) -> None:
+    inputs, work = tmp_path / "inputs", tmp_path / "work"
+    inputs.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    words = bad_places(inputs)
+    out_dir = place if place.startswith("/") else str(inputs / place)
+    args = ["parent-id"] if command == "compare" else GRID
+    code, output = invoke(command, *args, "--tracking-uri", f"sqlite:///{work}/m.db", "--out-dir", out_dir)
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1, output
+    expected = f"error: Invalid value for '--out-dir': cannot create the folder {out_dir}: {words[out_dir]}"
+    assert lines[0].startswith(expected), output
+    assert list(work.iterdir()) == [], "no store, no report: nothing is trained or written"
+    assert sorted(p.name for p in inputs.iterdir()) == ["broken", "fifo", "file.txt"]
+
+
+def test_a_report_that_cannot_be_written_loses_nothing(grid_run: tuple[str, str, str], tmp_path, monkeypatch) -> None:
+    uri, parent_id, _ = grid_run
+    out_dir = tmp_path / "report"
+
+    def full_disk(*args: object) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:  # the disk fills up while the grid trains
+        patch.setattr(report_module, "report_markdown", full_disk)
+        code, output = invoke("run", *GRID, "--name", "g2x2", "--tracking-uri", uri, "--out-dir", str(out_dir))
+
+    assert code == 5, output
+    lines = output.strip().splitlines()
+    assert lines[-1] == f"error: disk full: no space left on the device at {out_dir}", output
+    assert lines[-2] == f"parent_run_id: {parent_id}" and "parent run FINISHED" in output, output
+    again = f"ablate.py compare {parent_id} --tracking-uri {uri} --out-dir {out_dir}"
+    assert f"the report was not written; every run of the grid is in MLflow: once the cause is fixed, make the " \
+           f"report with: {again}" in output, output  # fmt: skip
+    assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"
+
+    code, output = invoke(*shlex.split(again)[1:])  # the command it gives makes the report
+    assert code == 0, output
+    assert (out_dir / "report.md").is_file() and "verdict:" in output

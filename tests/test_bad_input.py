@@ -232,7 +232,7 @@ CASES = [
     case("seed too large in --set", "train", [*BASE, "--set", "train.seed=99999999999999999999"], "train.seed"),
     case("seed too large (generate)", "generate", [*SAMPLE, "--seed", "99999999999999999999"], "--seed"),
     case("cache dir is a file", "train", [*BASE, "--cache-dir", "{inputs}/notes.txt"], "is a file"),
-    case("cache dir /dev/null", "train", [*BASE, "--cache-dir", "/dev/null"], "/dev/null is not a folder"),
+    case("cache dir /dev/null", "train", [*BASE, "--cache-dir", "/dev/null"], "/dev/null: it is a device, pipe"),
     case("cache dir name too long", "train", [*BASE, "--cache-dir", f"{{inputs}}/{LONG}"], "File name too long"),
     # run ids
     case("resume unknown run", "train", ["--resume", UNKNOWN_RUN, "--tracking-uri", "{uri}"], "unknown run id"),

@@ -527,7 +527,8 @@ def test_an_empty_token_cache_file_does_not_stop_a_run(store, monkeypatch, tmp_p
         ("GPT_TRACKING_TIMEOUT", "soon", "GPT_TRACKING_TIMEOUT must be a number of seconds (0 or more), got 'soon'"),
         ("GPT_TIKTOKEN_FILE", "/dev/null",
          "GPT_TIKTOKEN_FILE: /dev/null is not a regular file (a device, pipe or socket); give a file"),
-        ("GPT_CACHE_DIR", "/dev/null", "/dev/null set by GPT_CACHE_DIR is not a folder"),
+        ("GPT_CACHE_DIR", "/dev/null", "cannot create the folder /dev/null set by GPT_CACHE_DIR: it is a device, pipe "
+         "or socket; give a folder that exists or can be created"),
         ("GPT_GUTENBERG_URL", "/mirror/pg{id}.txt",
          "GPT_GUTENBERG_URL must be an http://, https:// or file:// address, got '/mirror/pg{id}.txt'"),
     ],

@@ -261,3 +261,140 @@ def test_gpu_ids_count_within_the_visible_gpus() -> None:
     assert gpu_slots([0, 1], 1, "3,5") == ["3", "5"], "under Slurm, --gpus 0 is the job's first GPU"
     with pytest.raises(UserError, match="only 2 GPU"):
         gpu_slots([2], 1, "3,5")
+
+
+def slurm_world(folder: Path) -> tuple[list[str], dict[str, Path]]:
+    """A grid file with its own base config and data file, and the slurm arguments that use them."""
+    files = {"grid": folder / "grid.yaml", "base": folder / "base.yaml", "data": folder / "book.txt"}
+    files["base"].write_text((ROOT / "configs" / "tiny.yaml").read_text())
+    files["data"].write_text(VERDICT.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    files["grid"].write_text(
+        f"base: base.yaml\ndata: [{files['data']}]\nvary: {{model.n_layers: [1, 2]}}\nseeds: [0]\n"
+        "config: {model.context_length: 16, model.emb_dim: 16}\n"
+    )
+    os.mkfifo(folder / "fifo")
+    (folder / "broken").symlink_to(folder / "nowhere" / "x")
+    (folder / "file.txt").write_text("a file")
+    args = ["slurm", str(files["grid"]), "--tracking-uri", f"sqlite:///{folder}/mlflow.db", "--gpus-per-task", "0"]
+    return args, files
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("/dev/null", "-o/--output /dev/null is a device, pipe or socket; give a regular file or a new file's path"),
+        ("{in}/fifo", "-o/--output {in}/fifo is a device, pipe or socket"),
+        ("{in}/broken", "-o/--output {in}/broken is a broken symbolic link"),
+        ("{in}/file.txt/x.sbatch", "cannot create the folder {in}/file.txt set by -o/--output: it is a file"),
+        ("/proc/x.sbatch", "cannot create the file /proc/x.sbatch set by -o/--output: the file system there takes no"),
+        ("{in}/grid.yaml", "-o/--output {in}/grid.yaml is the grid file ({in}/grid.yaml); the script would overwrite"),
+        ("{in}/base.yaml", "-o/--output {in}/base.yaml is the base config ({in}/base.yaml)"),
+        ("{in}/book.txt", "-o/--output {in}/book.txt is a data file of the grid ({in}/book.txt)"),
+        ("{in}/mlflow.db", "-o/--output {in}/mlflow.db is the MLflow store ({in}/mlflow.db)"),
+    ],
+)
+def test_a_script_file_that_cannot_be_written_or_is_an_input_is_refused(
+    tmp_path: Path, monkeypatch, output: str, message: str
+) -> None:
+    inputs, work = tmp_path / "inputs", tmp_path / "work"
+    inputs.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args, _ = slurm_world(inputs)
+    before = contents(inputs)
+    result = CliRunner().invoke(ablate.main, [*args, "-o", output.format(**{"in": inputs})])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: " + message.format(**{"in": inputs})), result.output
+    assert contents(inputs) == before, "an input was changed"
+    assert list(work.iterdir()) == [], "no log folder and no script for bad input"
+
+
+def test_a_script_file_goes_in_a_folder_made_for_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args, _ = slurm_world(tmp_path)
+    result = CliRunner().invoke(ablate.main, [*args, "-o", "scripts/new/x.sbatch"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "scripts" / "new" / "x.sbatch").read_text().startswith("#!/bin/bash\n")
+    assert (tmp_path / "slurm-logs").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("log_dir", "reason"),
+    [
+        ("/dev/null", "/dev/null: it is a device, pipe or socket"),
+        ("fifo", "fifo: it is a device, pipe or socket"),
+        ("broken", "broken: it is a broken symbolic link"),
+        ("/proc/logs", "/proc/logs: the file system there takes no new folders"),
+        ("file.txt/sub", "file.txt/sub: file.txt is a file"),
+    ],
+)
+def test_a_bad_log_dir_is_refused_and_no_script_written(tmp_path: Path, monkeypatch, log_dir: str, reason: str):
+    monkeypatch.chdir(tmp_path)
+    args, _ = slurm_world(tmp_path)
+    before = contents(tmp_path)
+    result = CliRunner().invoke(ablate.main, [*args, "-o", "x.sbatch", "--log-dir", log_dir])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    expected = f"error: Invalid value for '--log-dir': cannot create the folder {reason}; give a folder that exists"
+    assert lines[0].startswith(expected), result.output
+    assert contents(tmp_path) == before and not (tmp_path / "x.sbatch").exists()
+
+
+def sbatch_arguments(line: str) -> list[str]:
+    """An #SBATCH line's arguments as sbatch splits them (src/sbatch/opt.c, _get_argument): whitespace
+    separates, ' and " group, a backslash escapes the next character, an unquoted # ends the line."""
+    arguments, current, quote, escape, started = [], [], "", False, False
+    for char in line.removeprefix("#SBATCH"):
+        if escape:
+            escape = False
+        elif char == "\\":
+            escape = started = True
+            continue
+        elif quote:
+            if char == quote:
+                quote = ""
+                continue
+        elif char in "\"'":
+            quote, started = char, True
+            continue
+        elif char == "#":
+            break
+        elif char.isspace():
+            if started:
+                arguments.append("".join(current))
+            current, started = [], False
+            continue
+        current.append(char)
+        started = True
+    assert not quote, f"unmatched quote in {line!r}"
+    return arguments + (["".join(current)] if started else [])
+
+
+def test_script_paths_reach_sbatch_whole_and_python_expands_tilde(tmp_path: Path, monkeypatch) -> None:
+    work = tmp_path / "my runs #1 \"x\" 'y' a\\b"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args, _ = slurm_world(tmp_path)
+    log_dir = "logs 50% done"
+    result = CliRunner().invoke(ablate.main, [*args, "-o", "x.sbatch", "--log-dir", log_dir, "--python", "~/bin/py"])
+    assert result.exit_code == 0, result.output
+    lines = (work / "x.sbatch").read_text().splitlines()
+    assert sbatch_arguments(next(x for x in lines if x.startswith("#SBATCH --chdir="))) == [f"--chdir={work}"]
+    output = next(x for x in lines if x.startswith("#SBATCH --output="))
+    assert sbatch_arguments(output) == ["--output=logs 50%% done/%x-%A_%a.out"], "% of the folder is written %%"
+    assert lines[-1].startswith(f"exec {tmp_path}/home/bin/py "), lines[-1]
+    assert (work / log_dir).is_dir()
+
+
+def test_a_log_dir_with_a_backslash_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args, _ = slurm_world(tmp_path)
+    result = CliRunner().invoke(ablate.main, [*args, "-o", "x.sbatch", "--log-dir", "logs\\a"])
+    assert result.exit_code == 2 and "--log-dir 'logs\\\\a': Slurm reads a backslash" in result.output, result.output
+    assert not (tmp_path / "x.sbatch").exists()

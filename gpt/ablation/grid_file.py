@@ -21,6 +21,8 @@ run is decided per cell by gpt.ablation.grid.expand; only mistakes in the grid i
 from __future__ import annotations
 
 import copy
+import glob
+import os
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,6 +95,26 @@ def load_grid(
             if key in factors:
                 raise UserError(f"set {item!r} conflicts with the varied factor {key}; give its levels in vary instead")
     return spec
+
+
+def input_files(spec: GridSpec) -> dict[Path, str]:
+    """The files the grid reads -> their role ("the grid file", "the base config"...), so that nothing the
+    grid writes lands on one of them. Data globs are matched now; gutenberg:<id> books are downloads in
+    the cache, not the user's files, and are left out."""
+    sources = list(spec.base.data.files)
+    for factor in spec.factors:
+        if factor.key == "data.files":  # each level is a list of sources
+            sources += [source for level in factor.values for source in level]
+    found: dict[Path, str] = {}
+    for source in sources:
+        if source.startswith("gutenberg:"):
+            continue
+        matches = glob.glob(os.path.expanduser(source), recursive=True) if glob.has_magic(source) else [source]
+        found.update({Path(match).expanduser(): "a data file of the grid" for match in matches})
+    for path, role in [(spec.base_path, "the base config"), (spec.source, "the grid file")]:
+        if path is not None:
+            found[path] = role
+    return found
 
 
 def _read_grid_file(source: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from gpt.ablation.cautions import cautions
 from gpt.ablation.effects import MEASURE_BY_KEY
 from gpt.ablation.grid import default_grid_name, si, table_lines
 from gpt.ablation.verdict import fixed_settings, flops_text, interval, signed, verdict
-from gpt.errors import UserError
+from gpt.errors import UserError, writing
 
 
 def _pm(mean: float, ci: float, fmt: str = ".3f") -> str:
@@ -359,22 +359,26 @@ def report_html(markdown_text: str, folder: Path) -> str:
 
 
 def write_report(analysis: Analysis, out_dir: str | Path) -> list[Path]:
-    """Write report.md, report.html, summary.csv, runs.csv, comparisons.csv, anova.csv and plots/*.png."""
+    """Write report.md, report.html, summary.csv, runs.csv, comparisons.csv, anova.csv and plots/*.png.
+
+    Raises DiskFault (exit 5) naming out_dir when the disk is full or read-only.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    if analysis.grid.runs:
-        tables = {"summary": analysis.summary, "runs": analysis.runs, "comparisons": analysis.comparisons}
-        if len(analysis.anova):
-            tables["anova"] = analysis.anova
-        for name, table in tables.items():
-            table.to_csv(out_dir / f"{name}.csv", index=False)
-            files.append(out_dir / f"{name}.csv")
-        files += plots.draw_all(analysis, out_dir / "plots")
-    plot_names = [f"plots/{p.name}" for p in files if p.suffix == ".png"]
-    text = report_markdown(analysis, plot_names)
-    (out_dir / "report.md").write_text(text, encoding="utf-8")  # ± and Δ whatever the locale
-    (out_dir / "report.html").write_text(report_html(text, out_dir), encoding="utf-8")
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = []
+        if analysis.grid.runs:
+            tables = {"summary": analysis.summary, "runs": analysis.runs, "comparisons": analysis.comparisons}
+            if len(analysis.anova):
+                tables["anova"] = analysis.anova
+            for name, table in tables.items():
+                table.to_csv(out_dir / f"{name}.csv", index=False)
+                files.append(out_dir / f"{name}.csv")
+            files += plots.draw_all(analysis, out_dir / "plots")
+        plot_names = [f"plots/{p.name}" for p in files if p.suffix == ".png"]
+        text = report_markdown(analysis, plot_names)
+        (out_dir / "report.md").write_text(text, encoding="utf-8")  # ± and Δ whatever the locale
+        (out_dir / "report.html").write_text(report_html(text, out_dir), encoding="utf-8")
     return [out_dir / "report.md", out_dir / "report.html", *files]
 
 

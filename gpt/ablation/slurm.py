@@ -8,6 +8,7 @@ task, say). The last task to finish writes the grid's report and ends its parent
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import sys
@@ -55,6 +56,33 @@ def check(options: SlurmOptions, cells: int) -> None:
     for name, value in [*texts.items(), *(("--sbatch", extra) for extra in options.extra)]:
         if value is not None and (not value.strip() or any(c in value for c in "\n\r\0")):
             raise UserError(f"{name} {value!r}: must be one non-empty line")
+    if "\\" in options.log_dir:  # Slurm's filename patterns: a backslash turns off %x, %A and %a
+        raise UserError(
+            f"--log-dir {options.log_dir!r}: Slurm reads a backslash in a log path as 'expand no %-patterns', so "
+            "every task would write one log file; give a folder without '\\'"
+        )
+
+
+def check_script_file(path: Path, inputs: dict[Path, str]) -> None:
+    """UserError when the script's file `path` (-o) is one of the files the job reads (`inputs`: path -> its
+    role, e.g. "the grid file"): writing the script there would overwrite it."""
+    for source, role in inputs.items():
+        # the same path (a store not created yet), or the same file by another name (a link)
+        with contextlib.suppress(OSError):
+            if path.resolve() == source.resolve() or (path.exists() and path.samefile(source)):
+                raise UserError(
+                    f"-o/--output {path} is {role} ({source}); the script would overwrite it: give another file"
+                )
+
+
+def sbatch_value(value: str) -> str:
+    """`value` as one argument of an #SBATCH line. sbatch splits those lines itself, not a shell (its
+    _get_argument): at whitespace outside quotes, ' and " group, a backslash escapes the next character
+    even inside quotes, and an unquoted # starts a comment. So a value with any of them goes in double
+    quotes with backslash and double quote escaped; others stay bare, as people write them."""
+    if value and not any(c.isspace() or c in "\"'\\#" for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def job_script(
@@ -82,8 +110,9 @@ def job_script(
         lines.append(f"#SBATCH --mem={options.mem}")
     lines += [f"#SBATCH {extra.strip()}" for extra in options.extra]
     lines += [
-        f"#SBATCH --chdir={options.workdir}",
-        f"#SBATCH --output={options.log_dir}/%x-%A_%a.out",  # %x job name, %A array job id, %a task id
+        f"#SBATCH --chdir={sbatch_value(str(options.workdir))}",
+        # %x job name, %A array job id, %a task id; a % of the folder's own name is written %%
+        f"#SBATCH --output={sbatch_value(options.log_dir.replace('%', '%%') + '/%x-%A_%a.out')}",
         "",
         "set -euo pipefail",
         "export PYTHONUNBUFFERED=1",
