@@ -18,19 +18,20 @@ class UserError(Exception):
     exit_code = 2
 
 
-def check_file(path: Path, role: str, missing: str | None = None) -> Path:
+def check_file(path: Path, role: str, missing: str | None = None, want: str = "a file") -> Path:
     """`path` when it names a regular file, else a UserError.
 
     role: what the file is for, to start the message ("config file", "data:"). missing: the message when
-    nothing is there (default "<role> not found: <path>"). A folder, device, pipe or socket there is named
-    as such: /dev/null read as a book or config is empty, and a pipe can be read once only.
+    nothing is there (default "<role> not found: <path>"). want: what to give instead, ending the message.
+    A folder, device, pipe or socket there is named as such: /dev/null read as a book or config is empty,
+    and a pipe can be read once only.
     """
     if path.is_file():
         return path
     if not path.exists():
         raise UserError(missing or f"{role} not found: {path}")
     kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
-    raise UserError(f"{role} {path} is {kind}; give a file")
+    raise UserError(f"{role} {path} is {kind}; give {want}")
 
 
 class DiskFault(UserError):
