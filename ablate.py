@@ -107,20 +107,24 @@ def plan(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file,
     spec, cells, skipped, corpus, _, _ = build_cells(
         grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, cache_dir
     )
+    from gpt.store import check_tracking_uri, resolve_tracking_uri  # MLflow loads only once the grid is sound
+
+    uri = resolve_tracking_uri(tracking_uri)
+    measured = check_tracking_uri(uri, write=False)  # before any output: False when there is no store yet
     click.echo(f"grid {spec.name}: design {spec.design}, factors {', '.join(spec.factor_keys) or '(none)'}")
     if corpus is None:
         click.echo("(the grid varies the data, so token counts are per cell and not shown)")
         click.echo("\n".join(f"{c.name}  {c.cell_id}" for c in cells))
         return
-    from gpt.store import resolve_tracking_uri  # MLflow loads only once the grid is known to be sound
-
     rows = plan_rows(cells, len(corpus.train), len(corpus.val))
     base_ids = frozenset(c.cell_id for c in cells if c.levels == spec.base_levels())
-    click.echo(format_plan(rows, skipped, base_ids, cell_estimates(cells, rows, resolve_tracking_uri(tracking_uri))))
+    estimates = cell_estimates(cells, rows, uri) if measured else {}
+    click.echo(format_plan(rows, skipped, base_ids, estimates))
 
 
 def cell_estimates(cells: list[Cell], rows: list[dict], uri: str) -> dict[str, str]:
-    """Cell id -> estimated training time from finished runs of the same shape (gpt.ablation.estimate)."""
+    """Cell id -> estimated training time from finished runs of the same shape (gpt.ablation.estimate) in the
+    store at `uri`, which must exist (gpt.store.check_tracking_uri): MLflow would create one."""
     from gpt.ablation.estimate import measured_speeds
     from gpt.device import resolve_device
     from gpt.estimate import duration
@@ -163,7 +167,7 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
     from gpt.ablation.identity import cell_digests  # MLflow loads only once the grid is known to be sound
     from gpt.ablation.runner import RunnerOptions, close_parent, run_grid, stop_parent
     from gpt.ablation.workers import parse_shard
-    from gpt.store import resolve_tracking_uri
+    from gpt.store import check_tracking_uri, resolve_tracking_uri
     if not cells:
         raise UserError(f"grid {spec.name} has no runnable cell ({len(skipped)} skipped as invalid)")
     if per_gpu > 1 and not gpus:
@@ -171,6 +175,7 @@ def run(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file, 
     for cell in skipped:
         click.echo(f"skipped {cell.name}: {cell.reason}")
     uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)  # before the cells' data are hashed: an unusable store fails at once
     options = RunnerOptions(
         experiment=experiment or spec.name,
         tracking_uri=uri,
@@ -278,9 +283,10 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
     """Write a Slurm job-array script that trains the grid's cells, one array task per cell."""
     check_registered_name(register_model)
     from gpt.ablation.slurm import SlurmOptions, check, check_script_file, job_name, job_script
-    from gpt.store import resolve_tracking_uri, sqlite_path
+    from gpt.store import check_tracking_uri, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri, ask_server=False)  # a SQLite path every task would fail on; nodes may reach a server
     store = sqlite_path(uri)
     ablate = Path(__file__).resolve()
     path = Path(output) if output else None
@@ -352,12 +358,10 @@ def slurm(grid_file, base, data, vary, seeds, sets, design, name, tokenizer_file
 @friendly_errors
 def compare(parent_run_id, tracking_uri, target_loss, out_dir) -> None:
     """Compare the cells of a grid from MLflow: table, curves, main effects, fits (logged to the parent)."""
-    from gpt.store import resolve_tracking_uri, sqlite_path
+    from gpt.store import require_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    store = sqlite_path(uri)
-    if store is not None and not store.is_file():
-        raise UserError(f"no MLflow store at {store} ({uri}); pass the --tracking-uri the grid was run with")
+    require_store(uri, "; pass the --tracking-uri the grid was run with")
     report(parent_run_id, uri, target_loss, out_dir)
 
 

@@ -19,12 +19,13 @@ class UserError(Exception):
     exit_code = 2
 
 
-def check_file(path: Path, role: str, missing: str | None = None) -> Path:
+def check_file(path: Path, role: str, missing: str | None = None, want: str = "a file") -> Path:
     """`path` when it names a regular file, else a UserError.
 
     role: what the file is for, to start the message ("config file", "data:"). missing: the message when
-    nothing is there (default "<role> not found: <path>"). A folder, device, pipe or socket there is named
-    as such: /dev/null read as a book or config is empty, and a pipe can be read once only.
+    nothing is there (default "<role> not found: <path>"). want: what to give instead, ending the message.
+    A folder, device, pipe or socket there is named as such: /dev/null read as a book or config is empty,
+    and a pipe can be read once only.
     """
     try:
         if path.is_file():
@@ -35,7 +36,7 @@ def check_file(path: Path, role: str, missing: str | None = None) -> Path:
     if not exists:
         raise UserError(missing or f"{role} not found: {path}")
     kind = "a folder" if is_dir else f"not a regular file ({what_is(path)})"
-    raise UserError(f"{role} {path} is {kind}; give a file")
+    raise UserError(f"{role} {path} is {kind}; give {want}")
 
 
 def what_is(path: Path) -> str:

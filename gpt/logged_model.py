@@ -180,7 +180,7 @@ def load_model_uri(
     from mlflow.models import Model
 
     from gpt.mlflow_model import load_artifacts, model_folder_artifacts
-    from gpt.store import check_tracking_uri, resolve_tracking_uri, sqlite_path
+    from gpt.store import require_store, resolve_tracking_uri
 
     if not _MODEL_URI.match(uri):
         raise UserError(
@@ -188,10 +188,7 @@ def load_model_uri(
             "runs:/<run_id>/model"
         )
     store = resolve_tracking_uri(tracking_uri)
-    check_tracking_uri(store)
-    database = sqlite_path(store)
-    if database is not None and not database.is_file():  # MLflow would create an empty store to look in
-        raise UserError(f"no MLflow store at {database} ({store}): pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    require_store(store, ": pass --tracking-uri or set MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(prefix="gpt-model-") as folder, using_store(store), _quiet_copies():
         try:
             local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=folder))

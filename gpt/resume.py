@@ -207,7 +207,7 @@ def _check_checkpoint_store(uri: str, checkpoint_file: Path) -> None:
     """UserError when the SQLite store a checkpoint file names is gone (a moved store), naming the store
     found in a folder above the checkpoint, if any."""
     store = sqlite_path(uri)
-    if store is None or store.is_file():
+    if store is None or store.exists():  # something there: check_run_store says whether it is a store
         return
     beside = next((f / store.name for f in checkpoint_file.resolve().parents if (f / store.name).is_file()), None)
     found = f"; the store above the checkpoint: --tracking-uri sqlite:///{beside}" if beside else ""

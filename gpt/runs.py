@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from gpt import env
 from gpt.errors import UserError, check_file
-from gpt.store import default_store_note, local_artifact_dir, resolve_tracking_uri, sqlite_folder, sqlite_path
+from gpt.store import default_store_note, local_artifact_dir, require_store, resolve_tracking_uri, sqlite_folder
 
 CHECKPOINTS = "checkpoints"  # where a training run logs best.pt and last.pt
 
@@ -36,15 +36,11 @@ def _reason(exc: Exception) -> str:
 
 
 def _open(run_id: str, tracking_uri: str | None) -> tuple[MlflowClient, Run]:
+    """The client and the run; UserError for a store that is missing or unusable (gpt.store.require_store),
+    or a run it does not hold. Creates no store: MLflow would make one here and then report the run as unknown."""
     uri = resolve_tracking_uri(tracking_uri)
-    store = sqlite_path(uri)
-    if store is not None:
-        # MLflow would create an empty store here and then report the run as unknown
-        if not store.is_file():
-            raise UserError(
-                f"no MLflow store at {store}{default_store_note(tracking_uri)}: train a model first, or pass "
-                "--tracking-uri or set MLFLOW_TRACKING_URI"
-            )
+    note = default_store_note(tracking_uri)
+    require_store(uri, f"{note}: train a model first, or pass --tracking-uri or set MLFLOW_TRACKING_URI")
     client = MlflowClient(uri)
     try:
         return client, client.get_run(run_id)

@@ -11,13 +11,14 @@ import contextlib
 import os
 import re
 import sqlite3
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import requests
 import sqlalchemy.exc
@@ -26,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gpt import env
-from gpt.errors import UserError
+from gpt.errors import UserError, check_file
 
 try:
     import fcntl
@@ -87,15 +88,27 @@ def is_remote(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, before any training, when the store cannot be used."""
+def check_tracking_uri(uri: str, timeout: float = 5.0, *, write: bool = True, ask_server: bool = True) -> bool:
+    """Fail within seconds, before anything is read, trained or created, when the store cannot be used.
+
+    The one check of a store for every script. write: the caller creates runs, and a new SQLite store with its
+    folders: the place must take them. Otherwise the caller only reads, and nothing may be created or changed.
+    ask_server: False leaves an http(s) server unasked (a Slurm script's nodes may reach one this machine cannot).
+
+    Returns whether there is a store to read: False for a SQLite file that is missing or empty (a writer
+    creates the store there; a reader has nothing to read, see require_store), True otherwise.
+    Raises UserError for an unreachable or refusing server, an unknown scheme, MLflow's retired file store,
+    an in-memory SQLite store, and a SQLite path that cannot be a store (see _check_sqlite_file).
+    """
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
-        _check_server(uri, timeout)
+        if ask_server:
+            _check_server(uri, timeout)
     elif scheme == "sqlite":
         path = sqlite_path(uri)
-        if path is not None:
-            _check_sqlite_file(uri, path)
+        if path is None:
+            _refuse_sqlite_uri(uri)
+        return _check_sqlite_file(uri, path, write)
     elif scheme in ("", "file"):
         if not env.allow_file_store():
             raise UserError(
@@ -104,6 +117,33 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
     elif scheme not in ("postgresql", "mysql", "mssql", "databricks") and "+" not in scheme:
         raise UserError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; use sqlite:///... or http://...")
+    return True
+
+
+def require_store(uri: str, fix: str, timeout: float = 5.0) -> None:
+    """For commands that only read a store: check_tracking_uri, and a UserError when a SQLite store is missing
+    or empty, "no MLflow store at <file><fix>" (fix: what to do, with its own leading punctuation).
+
+    MLflow would create (or fill an empty file with) a new store just to find nothing in it, so a reader
+    stops here instead. Raises UserError as check_tracking_uri does for a store that cannot be used.
+    """
+    if check_tracking_uri(uri, timeout, write=False):
+        return
+    path = sqlite_path(uri)
+    empty = " (an empty file)" if path is not None and path.exists() else ""
+    raise UserError(f"no MLflow store at {path}{empty}{fix}")
+
+
+def _refuse_sqlite_uri(uri: str) -> NoReturn:
+    """A sqlite: URI that names no file: SQLAlchemy keeps sqlite://, sqlite:/// and sqlite:///:memory: in memory,
+    so a run would go into a store that vanishes with the process, and a reader would find nothing."""
+    tail = uri[len("sqlite:") :].lstrip("/")
+    if tail in ("", ":memory:"):
+        raise UserError(
+            f"tracking store {uri!r} is an in-memory SQLite database, gone when the process ends: runs need a store "
+            f"on disk; give sqlite:///PATH to a database file (e.g. {DEFAULT_TRACKING_URI}) or an http:// server"
+        )
+    raise UserError(f"tracking store {uri!r} names no database file; give sqlite:///PATH, e.g. {DEFAULT_TRACKING_URI}")
 
 
 def _check_server(uri: str, timeout: float) -> None:
@@ -135,20 +175,52 @@ def _check_server(uri: str, timeout: float) -> None:
         )
 
 
-def _check_sqlite_file(uri: str, path: Path) -> None:
-    if path.is_dir():
-        raise UserError(f"tracking store {uri}: {path} is a folder; name the database file, e.g. {path}/mlflow.db")
-    if path.is_file():
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
+def _check_sqlite_file(uri: str, path: Path, write: bool) -> bool:
+    """Whether `path` holds a SQLite database (False: missing or empty); UserError when it cannot be the store.
+
+    Refused: a folder, device, pipe or socket (MLflow waits on a pipe for minutes and fails late on a
+    device, leaving a lock file beside it); a file that is not SQLite; and, for a writer, a file or a
+    folder that cannot be written or created. The check creates nothing that stays.
+    """
+    where = f"tracking store {uri}:"
+    if path.exists():
+        want = f"a database file in it, e.g. sqlite:///{path}/mlflow.db" if path.is_dir() else "a database file"
+        check_file(path, where, want=want)
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise UserError(f"{where} cannot read {path} ({exc.strerror})") from None
         if head and head != SQLITE_MAGIC:
-            raise UserError(f"tracking store {uri}: {path} is not a SQLite database")
-        return
-    ancestor = path.parent  # created when the store is opened: a check writes nothing
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"tracking store {uri}: cannot create {path} ({ancestor} is not a writable folder)")
+            raise UserError(f"{where} {path} is not a SQLite database; give an MLflow store's file or a new path")
+        if write and not os.access(path, os.W_OK):
+            raise UserError(f"{where} {path} is read-only; make it writable or give another store")
+        if write:
+            _check_folder(f"{where} cannot write the store {path}, as SQLite keeps its journal beside it:", path.parent)
+        return bool(head)
+    if write:
+        ancestor = path.parent  # created when the store is opened
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        _check_folder(f"{where} cannot create {path}:", ancestor)
+    return False
+
+
+def _check_folder(cannot: str, folder: Path) -> None:
+    """UserError (starting with `cannot`) unless `folder` takes new entries: a new store's folders and file,
+    or SQLite's journal.
+
+    Only trying tells: root passes every access check, yet /proc refuses to make anything. The probe
+    folder is removed at once.
+    """
+    if not folder.is_dir():
+        raise UserError(f"{cannot} {folder} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".store-check-", dir=folder))
+    except OSError as exc:
+        raise UserError(
+            f"{cannot} {folder} takes no new files ({exc.strerror}); give a path in a writable folder"
+        ) from None
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -571,7 +571,7 @@ def replay_store(local_dir: Path, tracking_uri: str | None, recorded: str | None
     """
     uri = resolve_tracking_uri(tracking_uri or recorded)
     store = sqlite_path(uri)
-    if store is None or store.is_file():
+    if store is None or check_tracking_uri(uri, write=False):  # also names a folder, pipe or device there
         return uri
     moved = local_dir.resolve().parent.parent / store.name
     if tracking_uri is None and moved.is_file():

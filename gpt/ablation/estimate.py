@@ -16,7 +16,6 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from gpt.ablation.grid import Cell
-from gpt.store import sqlite_path
 
 # The params that decide a run's throughput on one device (the data only through the window length).
 SHAPE_KEYS = (
@@ -45,11 +44,8 @@ def _shape(cell: Cell, device: str) -> tuple[tuple[str, str], ...]:
 def measured_speeds(tracking_uri: str, cells: Sequence[Cell], device: str) -> dict[str, Speed]:
     """Cell id -> throughput measured on finished runs of the same shape on `device`; cells without one are absent.
 
-    A SQLite store that does not exist yet is not created: no measurement.
+    The store must exist (the caller checks it with gpt.store.check_tracking_uri): MLflow would create one.
     """
-    path = sqlite_path(tracking_uri)
-    if path is not None and not path.is_file():
-        return {}
     client = MlflowClient(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
