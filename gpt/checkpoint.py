@@ -203,8 +203,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # the weights-only unpickler also raises IndexError, KeyError... on foreign bytes
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        if reason.startswith("Weights only load failed"):  # not torch's advice to load unsafely: this file is not ours
-            reason = "it holds objects other than tensors and plain values"
+        if reason.startswith("Weights only load failed"):  # not torch's advice to load unsafely: the file is not ours
+            reason = "torch's weights-only loader refused it"
         raise UserError(f"checkpoint {path} is truncated, corrupt or not from this tool ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") not in READABLE:
         raise UserError(f"checkpoint {path} is not a checkpoint of this tool (expected format {FORMAT})")

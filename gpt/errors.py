@@ -33,6 +33,8 @@ def check_file(path: Path, role: str, missing: str | None = None, want: str = "a
         exists, is_dir = path.exists(), path.is_dir()
     except OSError as exc:  # a name too long for the file system, a symlink loop
         raise UserError(f"{role} {path}: {exc.strerror or exc}") from None
+    if not exists and path.is_symlink():  # is_file() and exists() say False for a link to nothing, or a loop
+        raise UserError(f"{role} {path} is {what_is(path)}; give {want}")
     if not exists:
         raise UserError(missing or f"{role} not found: {path}")
     kind = "a folder" if is_dir else f"not a regular file ({what_is(path)})"
@@ -48,7 +50,7 @@ def what_is(path: Path) -> str:
         return "a file"
     if path.exists():
         return "a device, pipe or socket"
-    return "a broken symbolic link" if path.is_symlink() else "nothing"
+    return "a broken symbolic link (to nothing, or a loop of links)" if path.is_symlink() else "nothing"
 
 
 class DiskFault(UserError):

@@ -192,7 +192,8 @@ def _check_sqlite_file(uri: str, path: Path, write: bool) -> bool:
         except OSError as exc:
             raise UserError(f"{where} cannot read {path} ({exc.strerror})") from None
         if head and head != SQLITE_MAGIC:
-            raise UserError(f"{where} {path} is not a SQLite database; give an MLflow store's file or a new path")
+            instead = "an MLflow store's file or a new path" if write else "an MLflow store's file"
+            raise UserError(f"{where} {path} is not a SQLite database; give {instead}")
         if write and not os.access(path, os.W_OK):
             raise UserError(f"{where} {path} is read-only; make it writable or give another store")
         if write:
@@ -296,11 +297,17 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     """The file of a SQLite store as an absolute path, or None for other stores (and in-memory SQLite).
 
     The one place a sqlite:/// URI is taken apart: every reader of the store's location goes through it.
+    Symbolic links are followed (a moved store may be linked to). Raises UserError for a loop of links.
     """
     if not tracking_uri.startswith("sqlite:///"):
         return None
     path = tracking_uri[len("sqlite:///") :]
-    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
+    if not path or path == ":memory:":
+        return None
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, later ones OSError
+        raise UserError(f"tracking store {tracking_uri}: {path} cannot be followed ({exc})") from None
 
 
 def sqlite_folder(tracking_uri: str) -> Path | None:

@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,10 @@ def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
     if target.is_file():
         return target
     url = env.gutenberg_url().format(id=book_id)
+    parts = urllib.parse.urlsplit(url)
+    local = Path(urllib.request.url2pathname(parts.path))
+    if parts.scheme == "file" and os.path.lexists(local):  # urllib would wait forever on a pipe
+        check_file(local, f"data: gutenberg:{book_id} from {env.GUTENBERG_URL}:")
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             body = response.read()

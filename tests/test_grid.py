@@ -446,6 +446,9 @@ def test_a_missing_grid_file_names_the_path(tmp_path):
         load_grid(tmp_path / "absent.yaml")
     with pytest.raises(UserError, match="grid file /dev/null is not a regular file"):
         load_grid(Path("/dev/null"))
+    (tmp_path / "empty.yaml").touch()
+    with pytest.raises(UserError, match="grid file .*empty.yaml is empty; give at least its data and a factor"):
+        load_grid(tmp_path / "empty.yaml")
 
 
 @pytest.mark.parametrize(

@@ -328,7 +328,7 @@ def test_a_script_file_goes_in_a_folder_made_for_it(tmp_path: Path, monkeypatch)
     [
         ("/dev/null", "/dev/null: it is a device, pipe or socket"),
         ("fifo", "fifo: it is a device, pipe or socket"),
-        ("broken", "broken: it is a broken symbolic link"),
+        ("broken", "broken: it is a broken symbolic link (to nothing, or a loop of links)"),
         ("/proc/logs", "/proc/logs: the file system there takes no new folders"),
         ("file.txt/sub", "file.txt/sub: file.txt is a file"),
     ],

@@ -36,6 +36,7 @@ BAD = [
     ("not SQLite", "sqlite:///{F}/notes.txt", "{F}/notes.txt is not a SQLite database"),
     ("in memory", "sqlite:///:memory:", "is an in-memory SQLite database, gone when the process ends"),
     ("no path", "sqlite:///", "runs need a store on disk"),
+    ("a loop of links", "sqlite:///{F}/loop1", "{F}/loop1 cannot be followed"),
 ]  # fmt: skip
 # only a writer creates the store: for a reader these are merely missing
 UNCREATABLE = [
@@ -51,6 +52,8 @@ def fixtures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     (folder / "adir").mkdir()
     os.mkfifo(folder / "fifo")
+    (folder / "loop1").symlink_to(folder / "loop2")
+    (folder / "loop2").symlink_to(folder / "loop1")
     (folder / "empty.db").touch()
     (folder / "notes.txt").write_text("not a database\n")
     with sqlite3.connect(folder / "other.db") as db:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,6 +282,15 @@ def test_a_gutenberg_download_that_is_no_text_is_not_kept_and_a_fixed_mirror_is_
     (pages / "pg11.txt").write_bytes(BOOK)  # the mirror fixed: the next try downloads again
     (doc,) = load(["gutenberg:11"], cache)
     assert doc.path.read_bytes() == BOOK
+
+
+def test_a_gutenberg_mirror_that_gives_a_pipe_is_refused_not_waited_on(tmp_path, monkeypatch):
+    pages = tmp_path / "mirror"
+    pages.mkdir()
+    os.mkfifo(pages / "pg11.txt")  # urllib would block reading it
+    monkeypatch.setenv("GPT_GUTENBERG_URL", f"{pages.as_uri()}/pg{{id}}.txt")
+    message = user_error(["gutenberg:11"], tmp_path / "cache")
+    assert message.startswith("data: gutenberg:11 from GPT_GUTENBERG_URL: ") and "is not a regular file" in message
 
 
 def test_caches_taken_by_files_are_skipped_with_a_warning(tmp_path, capsys):

@@ -121,6 +121,8 @@ def _read_grid_file(source: Path) -> dict[str, Any]:
     """The grid file's mapping; UserError for a missing file, another YAML shape or an unknown key."""
     check_file(source, "grid file")
     raw = read_yaml(source)
+    if raw is None:
+        raise UserError(f"grid file {source} is empty; give at least its data and a factor to vary (configs/grids/)")
     if not isinstance(raw, dict):
         what = type(raw).__name__
         raise UserError(f"{source}: a grid file must be a mapping (name, base, data, vary...), got {what}")
