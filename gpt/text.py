@@ -139,9 +139,8 @@ def download_gutenberg(book_id: str, cache_dir: Path) -> Path:
         return target
     url = env.gutenberg_url().format(id=book_id)
     parts = urllib.parse.urlsplit(url)
-    local = Path(urllib.request.url2pathname(parts.path))
-    if parts.scheme == "file" and os.path.lexists(local):  # urllib would wait forever on a pipe
-        check_file(local, f"data: gutenberg:{book_id} from {env.GUTENBERG_URL}:")
+    if parts.scheme == "file" and os.path.lexists(local := Path(urllib.request.url2pathname(parts.path))):
+        check_file(local, f"data: gutenberg:{book_id} from {env.GUTENBERG_URL}:")  # urllib would wait on a pipe
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             body = response.read()
