@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from gpt.config import Config
 from gpt.data import Corpus
-from gpt.distributed import STOP_CHECK_STEPS, Ranks, from_environment
+from gpt.distributed import STOP_CHECK_STEPS, Ranks, from_environment, leave
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.trainer import Interrupted, Trainer
@@ -74,11 +75,8 @@ def test_validation_windows_split_into_contiguous_shares() -> None:
     assert list(Ranks(1, 2).part(1)) == []
 
 
-def _stop_worker(rank: int, port: int, results: mp.SimpleQueue) -> None:
-    """One of two gloo ranks; rank 1 alone is asked to stop, at its second step."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+def _train_until_stopped(rank: int) -> tuple:
+    """Rank 1 alone is asked to stop, at its second step; (rank, step, per-step losses) where all stopped."""
     cfg = Config()
     cfg.model.vocab_size, cfg.model.context_length, cfg.model.emb_dim = 64, 8, 16
     cfg.model.n_heads, cfg.model.n_layers, cfg.model.dropout = 2, 1, 0.0
@@ -92,13 +90,21 @@ def _stop_worker(rank: int, port: int, results: mp.SimpleQueue) -> None:
         if rank == 1 and done == 2:
             trainer.stop_requested = True
 
-    trainer.on_step = ask_to_stop
+    trainer.on_step = ask_to_stop  # a cycle: the trainer outlives this call until leave() collects it
     try:
         trainer.fit()
-        results.put((rank, "finished", None))
+        return rank, "finished", None
     except Interrupted:
-        results.put((rank, trainer.state.step, trainer.state.epoch_losses))
-    dist.destroy_process_group()
+        return rank, trainer.state.step, trainer.state.epoch_losses
+
+
+def _stop_worker(rank: int, port: int, results: mp.SimpleQueue) -> None:
+    """One of two gloo ranks, left as train.py leaves them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results.put(_train_until_stopped(rank))
+    leave()
 
 
 def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step() -> None:
@@ -109,6 +115,25 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step() -> None:
     assert by_rank[0][0] == by_rank[1][0] == STOP_CHECK_STEPS, by_rank
     # both hold the same global per-step losses, so either could be checkpointed
     assert by_rank[0][1] == pytest.approx(by_rank[1][1]) and len(by_rank[0][1]) == STOP_CHECK_STEPS
+
+
+def test_leaving_frees_a_ddp_wrapper_held_in_a_cycle_while_the_group_still_exists(monkeypatch) -> None:
+    """A wrapper freed after its group is destroyed aborts the process at exit (SIGABRT, ~1 exit in 10)."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        holder: dict = {"ddp": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))}
+        holder["self"] = holder  # a cycle, as a trainer with callbacks that refer back to it makes
+        group_at_free: list[bool] = []
+        weakref.finalize(holder["ddp"], lambda: group_at_free.append(dist.is_initialized()))
+        del holder
+        leave()
+        assert group_at_free == [True]
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def curves(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
