@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +120,12 @@ def leave() -> None:
     outlive it until the garbage collector runs. Freed after the group is destroyed (at interpreter
     exit), the wrapper ends in std::terminate: the rank dies of SIGABRT after a finished run (about 1
     exit in 10 with gloo on CPU) and torchrun fails the launch. Collecting first frees it in time.
+    An error left uncaught (--debug) is kept in sys.last_traceback, whose frames hold the trainer: by
+    the time atexit runs its traceback is printed, so their locals are cleared first.
     """
+    uncaught = getattr(sys, "last_traceback", None)
+    if uncaught is not None:
+        traceback.clear_frames(uncaught)
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()

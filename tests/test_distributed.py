@@ -117,17 +117,30 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step() -> None:
     assert by_rank[0][1] == pytest.approx(by_rank[1][1]) and len(by_rank[0][1]) == STOP_CHECK_STEPS
 
 
-def test_leaving_frees_a_ddp_wrapper_held_in_a_cycle_while_the_group_still_exists(monkeypatch) -> None:
+def _hold_and_fail(ddp: torch.nn.Module) -> None:
+    raise RuntimeError("uncaught")  # its frame, which holds `ddp`, stays in the traceback
+
+
+@pytest.mark.parametrize("held_by", ["a cycle", "an uncaught error's traceback"])
+def test_leaving_frees_a_ddp_wrapper_while_the_group_still_exists(held_by: str, monkeypatch) -> None:
     """A wrapper freed after its group is destroyed aborts the process at exit (SIGABRT, ~1 exit in 10)."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        holder: dict = {"ddp": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))}
-        holder["self"] = holder  # a cycle, as a trainer with callbacks that refer back to it makes
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
         group_at_free: list[bool] = []
-        weakref.finalize(holder["ddp"], lambda: group_at_free.append(dist.is_initialized()))
-        del holder
+        weakref.finalize(ddp, lambda: group_at_free.append(dist.is_initialized()))
+        if held_by == "a cycle":  # as a trainer with callbacks that refer back to it makes
+            holder: dict = {"ddp": ddp}
+            holder["self"] = holder
+            del holder
+        else:  # as Python keeps an error that ends the program (train.py --debug) while atexit runs
+            try:
+                _hold_and_fail(ddp)
+            except RuntimeError as error:
+                monkeypatch.setattr(sys, "last_traceback", error.__traceback__, raising=False)
+        del ddp
         leave()
         assert group_at_free == [True]
         assert not dist.is_initialized()
