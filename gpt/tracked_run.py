@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from gpt.reporting import Checkpoints, ProgressBar, Reporter
 from gpt.resume import logged_progress, summary_points
 from gpt.runs import local_run_dir
 from gpt.signals import StopOnSignal
-from gpt.store import absolute_uri, local_artifact_dir, run_lock, with_retries
+from gpt.store import absolute_uri, local_artifact_dir, resolve_tracking_uri, run_lock, with_retries
 from gpt.tracking import Tracker, write_run_record
 from gpt.trainer import Interrupted, NonFiniteLoss, Trainer
 
@@ -191,7 +192,7 @@ class TrackedRun:
             self.status, self.exit_code = "KILLED", self.stopper.exit_code
             self.message = (
                 f"interrupted in epoch {s.epoch + 1} after step {s.step}; checkpoint saved, "
-                f"continue with: python train.py --resume {self.run_id}"
+                f"continue with: {self.resume_command()}"
             )
         elif isinstance(error, NonFiniteLoss):
             self.reporter.log_steps(error.step_points)
@@ -200,6 +201,15 @@ class TrackedRun:
             self.status, self.exit_code, self.message = "FAILED", 3, f"training stopped: {error}{kept}"
         else:
             raise error
+
+    def resume_command(self) -> str:
+        """The command that continues this run. It names the store with --tracking-uri when a plain train.py,
+        run again in this folder and environment, would look in another one (the default mlruns/ or
+        $MLFLOW_TRACKING_URI): without it, the command a user copies would find no such run."""
+        command = f"python train.py --resume {self.run_id}"
+        if self.uri != resolve_tracking_uri():
+            command += f" --tracking-uri {shlex.quote(self.uri)}"
+        return command
 
     def _stop_writing(self, fault: DiskFault) -> None:
         """The disk refused a write (spool, sample, plot or checkpoint): training stops where it is, nothing
@@ -211,7 +221,7 @@ class TrackedRun:
             self.progress.close()
         self.status, self.exit_code = "FAILED", DiskFault.exit_code
         remedy = "free some space" if str(fault).startswith("disk full") else "make it writable"
-        self.message = f"{fault}; {remedy}, then continue with: python train.py --resume {self.run_id}"
+        self.message = f"{fault}; {remedy}, then continue with: {self.resume_command()}"
 
     def _abort(self, failure: BaseException) -> None:
         """End the run after a crash: KILLED at once on a second Ctrl-C, else FAILED after saving what can be."""
@@ -244,7 +254,7 @@ class TrackedRun:
             self.exit_code, disk_failed = DiskFault.exit_code, True
             self.message += (
                 f"{'; ' if self.message else ''}{fault}: the run's summary was not logged; once there is room, "
-                f"python train.py --resume {self.run_id} logs it"
+                f"{self.resume_command()} logs it"
             )
         try:
             timeout = min(self.tracker.timeout, DISK_FAULT_WAIT_S) if disk_failed else None

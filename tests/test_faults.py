@@ -206,7 +206,7 @@ def test_disk_full_mid_run_stops_training_ends_failed_and_resume_recovers(store,
     assert code == 5, output
     assert re.fullmatch(
         rf"status: FAILED: disk full: no space left on the device at {store}/\S+; free some space, then "
-        rf"continue with: python train\.py --resume {run_id}",
+        rf"continue with: python train\.py --resume {run_id} --tracking-uri {uri_of(store)}",
         status_line(output),
     ), output
     assert "Traceback" not in output and "epoch 2/2" not in output, "training should stop at the fault"
@@ -265,7 +265,7 @@ def test_full_disk_at_the_first_checkpoint_is_named_and_the_run_starts_again(sto
     assert re.fullmatch(
         rf"status: FAILED: disk full: no space left on the device at {store}/artifacts/\S+/{run_id}/artifacts/"
         rf"checkpoints/last\.pt, \d+ MB needed; free some space, then continue with: "
-        rf"python train\.py --resume {run_id}",
+        rf"python train\.py --resume {run_id} --tracking-uri {uri_of(store)}",
         status_line(output),
     ), output
     assert "Traceback" not in output and "RuntimeError" not in output and "inline_container" not in output
@@ -389,6 +389,24 @@ def test_run_killed_before_its_first_checkpoint_starts_again_in_the_same_run(sto
     assert code == 0, output
     assert f"restarting run {run_id} from epoch 1 of 2: it saved no checkpoint" in output
     assert_recovered(store, run_id, reference, output)
+
+
+def test_the_command_a_stopped_run_prints_names_the_store_a_plain_rerun_would_not_find(store, monkeypatch) -> None:
+    """Copied as printed, the command must find the run: a store chosen with --tracking-uri is named (a plain
+    train.py would look in ./mlruns), one a plain rerun finds ($MLFLOW_TRACKING_URI here) is not."""
+    at_step(monkeypatch, STEPS_PER_EPOCH + 3, send(signal.SIGINT))
+    code, output = train(store, *FAST)
+    run_id = run_id_in(output)
+    assert code == 130, output
+    assert status_line(output).endswith(
+        f"continue with: python train.py --resume {run_id} --tracking-uri {uri_of(store)}"
+    ), output
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri_of(store))
+    code, output = run_train([*FAST])
+    run_id = run_id_in(output)
+    assert code == 130, output
+    assert status_line(output).endswith(f"continue with: python train.py --resume {run_id}"), output
 
 
 def test_resumed_run_killed_before_its_first_flush_is_ended_by_replay(store, reference, monkeypatch) -> None:
